@@ -1,0 +1,52 @@
+"""Rebuild the embedded samples from the real datasets in ../shared/data (run from the project root).
+
+The samples are fixed random subsets (seed 0) so the default commands run offline in a few minutes.
+"""
+
+import csv
+import random
+from pathlib import Path
+
+SHARED = Path("../shared/data")
+OUT = Path(__file__).parent
+
+
+def read_tsv(path: Path) -> tuple[list[str], list[list[str]]]:
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    return rows[0], rows[1:]
+
+
+def write_tsv(path: Path, header: list[str], rows: list[list[str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_NONE, quotechar=None, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def main() -> None:
+    rng = random.Random(0)
+    # SST-2: train and validation are disjoint draws from GLUE train; test is the whole GLUE dev split (872).
+    header, rows = read_tsv(SHARED / "glue_sst2/train.tsv")
+    rows = [[r[0].strip(), r[1]] for r in rows]
+    picked = rng.sample(rows, 1500)
+    write_tsv(OUT / "sst2/train.tsv", header, picked[:1200])
+    write_tsv(OUT / "sst2/validation.tsv", header, picked[1200:])
+    header, rows = read_tsv(SHARED / "glue_sst2/dev.tsv")
+    write_tsv(OUT / "sst2/test.tsv", header, [[r[0].strip(), r[1]] for r in rows])
+
+    # STS-B: sentence pairs with a float score; train from GLUE train, validation/test from GLUE dev.
+    header, rows = read_tsv(SHARED / "glue_stsb/train.tsv")
+    keep = ["sentence1", "sentence2", "score"]
+    idx = [header.index(k) for k in keep]
+    train = [[r[i] for i in idx] for r in rng.sample(rows, 800)]
+    header, rows = read_tsv(SHARED / "glue_stsb/dev.tsv")
+    dev = [[r[i] for i in idx] for r in rng.sample(rows, 400)]
+    write_tsv(OUT / "stsb/train.tsv", keep, train)
+    write_tsv(OUT / "stsb/validation.tsv", keep, dev[:200])
+    write_tsv(OUT / "stsb/test.tsv", keep, dev[200:])
+
+
+if __name__ == "__main__":
+    main()

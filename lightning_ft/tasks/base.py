@@ -1,0 +1,135 @@
+"""The base LightningModule: a Hugging Face backbone with a task head, optimizers, schedules, metrics, export.
+
+A task subclass names its ``auto_class``, its metrics (``make_metrics``), how a batch updates them
+(``update_metrics``) and its default monitored metric. Loss comes from the Hugging Face head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torchmetrics import MetricCollection
+
+from lightning_ft.backbones import load_model
+from lightning_ft.optim import parameter_groups
+
+STAGES = ("val", "test")
+
+
+class TaskModule(pl.LightningModule):
+    """Shared machinery of every task: backbone loading, AdamW groups, warmup schedules, corpus-level metrics.
+
+    Args:
+        backbone: how to get the model (``name``, ``pretrained``, ``model_type``, ``config_overrides``), as in
+            ``conf/backbone``. Kept as plain data so a checkpoint can rebuild the module.
+        optimizer: a factory ``params -> Optimizer`` (a Hydra ``_partial_``); AdamW with lr 5e-5 when omitted.
+        scheduler: a factory ``(optimizer, total_steps) -> LRScheduler``; none when omitted.
+    """
+
+    auto_class: Any = None  # e.g. transformers.AutoModelForSequenceClassification
+    default_monitor: tuple[str, str] = ("val/loss", "min")
+
+    def __init__(
+        self,
+        *,
+        backbone: dict[str, Any],
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., Any] | None = None,
+        **model_config: Any,
+    ) -> None:
+        super().__init__()
+        # The factories are code, not hyper-parameters: they are rebuilt from the config, never pickled.
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.model = load_model(self.auto_class, **dict(backbone), **model_config)
+        # from_pretrained returns the model in eval mode and Lightning 2.x keeps a submodule's own mode, so without
+        # this the whole fine-tuning would run with dropout off.
+        self.model.train()
+        self.metrics = torch.nn.ModuleDict({stage: self.make_metrics(f"{stage}/") for stage in STAGES})
+
+    # ---- what a task subclass provides -------------------------------------------------------------------------
+    def make_metrics(self, prefix: str) -> MetricCollection:
+        raise NotImplementedError
+
+    def update_metrics(self, metrics: MetricCollection, outputs: Any, batch: dict) -> None:
+        raise NotImplementedError
+
+    @property
+    def monitor(self) -> tuple[str, str]:
+        """The metric that picks the best checkpoint and its mode (``max``/``min``)."""
+        return self.default_monitor
+
+    # ---- steps -------------------------------------------------------------------------------------------------
+    def forward(self, **inputs: Any) -> Any:
+        return self.model(**inputs)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self(**batch).loss
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
+        return loss
+
+    def _eval_step(self, stage: str, batch: dict) -> None:
+        outputs = self(**batch)
+        self.log(f"{stage}/loss", outputs.loss, prog_bar=stage == "val", sync_dist=True,
+                 batch_size=len(batch["input_ids"]))
+        self.update_metrics(self.metrics[stage], outputs, batch)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def _log_epoch_metrics(self, stage: str) -> None:
+        # Metric states are summed over the whole split (and synced across ranks) before compute: corpus level.
+        values = self.metrics[stage].compute()
+        self.log_dict(values, prog_bar=stage == "val")
+        self.metrics[stage].reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_metrics("test")
+
+    # ---- optimisation ------------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        factory = self.optimizer_factory or (lambda params: torch.optim.AdamW(params, lr=5e-5))
+        weight_decay = getattr(factory, "keywords", {}).get("weight_decay", 0.0)
+        optimizer = factory(parameter_groups(self.model, weight_decay))
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        if not gradient_clip_val:
+            return
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            # Lightning 2.6 refuses to clip for fused optimizers under any "-mixed" precision, because they unscale
+            # fp16 gradients inside step(). bf16 has no scaler and nothing to unscale, so clipping here is exact.
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    # ---- export ------------------------------------------------------------------------------------------------
+    def export(self, directory: str | Path, tokenizer: Any) -> Path:
+        """Write a Hugging Face directory (model, config with label maps, tokenizer) that ``pipeline`` loads."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        return directory

@@ -1,0 +1,130 @@
+"""The entry point: ``python -m lightning_ft.train [task=...] [dataset=...] [backbone=...] [key=value ...]``.
+
+compose config -> seed -> DataModule (data checked and tokenized first) -> task module -> Trainer -> fit -> test
+-> export. Heavy libraries are imported inside ``train`` so ``--help`` and config errors answer fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from lightning_ft.config import register_resolvers
+from lightning_ft.errors import UserError
+from lightning_ft.paths import config_dir
+
+log = logging.getLogger("lightning_ft")
+
+
+def _build(node: DictConfig | None) -> list[Any]:
+    """Instantiate a named group of objects (callbacks, loggers), skipping entries set to null."""
+    from hydra.utils import instantiate
+
+    return [instantiate(c) for c in (node or {}).values() if c is not None]
+
+
+def build_task(cfg: DictConfig, datamodule: Any) -> Any:
+    """The task's LightningModule, from ``cfg.task`` plus what the data says about labels."""
+    from hydra.utils import get_class, instantiate
+
+    kwargs = OmegaConf.to_container(cfg.task, resolve=True)
+    task_class = get_class(kwargs.pop("_target_"))
+    return task_class(
+        **kwargs,
+        **datamodule.model_kwargs(),
+        backbone=OmegaConf.to_container(cfg.backbone, resolve=True),
+        optimizer=instantiate(cfg.optim) if cfg.get("optim") else None,
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+    )
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Run one training job; returns the best value of the monitored metric (what a sweep optimizes)."""
+    import pytorch_lightning as pl
+    import torch
+    from hydra.utils import instantiate
+
+    from lightning_ft.backbones import load_tokenizer
+
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(cfg.seed, workers=True)
+
+    tokenizer = load_tokenizer(**cfg.backbone)
+    datamodule = instantiate(cfg.dataset, tokenizer=tokenizer, seed=cfg.seed, _convert_="all")
+    datamodule.prepare_data()  # checks columns and labels and tokenizes (or reads the cache) before any model
+    module = build_task(cfg, datamodule)
+
+    metric, mode = module.monitor
+    with open_dict(cfg):
+        cfg.monitor = cfg.monitor or metric
+        cfg.monitor_mode = cfg.monitor_mode or mode
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    callbacks = _build(cfg.get("callbacks"))
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=_build(cfg.get("logger")) or False)
+    checkpoint = trainer.checkpoint_callback
+
+    if cfg.train:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    best_path = checkpoint.best_model_path if checkpoint and checkpoint.best_model_path else None
+    weights = best_path if cfg.train else cfg.ckpt_path
+    if weights:  # test and export the best weights, not the last ones
+        module.load_state_dict(torch.load(weights, map_location="cpu", weights_only=False)["state_dict"])
+
+    results: dict[str, Any] = {"monitor": cfg.monitor, "best_model_path": best_path}
+    if cfg.train:
+        results["validation"] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        best_score = checkpoint.best_model_score if checkpoint else None
+        results["best_score"] = float(best_score) if best_score is not None else None
+    if cfg.test and datamodule.has_split("test"):
+        results["test"] = {k: float(v) for k, v in trainer.test(module, datamodule=datamodule)[0].items()}
+
+    if trainer.is_global_zero:
+        if cfg.export and not trainer.fast_dev_run:
+            results["export_dir"] = str(module.export(run_dir / "hf_model", tokenizer))
+        (run_dir / "metrics.json").write_text(json.dumps(results, indent=2))
+        _print_summary(results, run_dir)
+    return results.get("best_score")
+
+
+def _print_summary(results: dict[str, Any], run_dir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"lightning_ft results ({run_dir})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for section in ("validation", "test"):
+        for name, value in sorted(results.get(section, {}).items()):
+            table.add_row(name, f"{value:.4f}")
+    if results.get("best_score") is not None:
+        table.add_row(f"best {results['monitor']}", f"{results['best_score']:.4f}")
+    Console().print(table)
+    if results.get("export_dir"):
+        Console().print(f"Hugging Face model: {results['export_dir']}")
+
+
+register_resolvers()
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return train(cfg)
+    except UserError as err:
+        log.error("%s", err)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

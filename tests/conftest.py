@@ -1,0 +1,56 @@
+"""Shared fixtures: offline mode, an isolated datasets cache, tiny models, and composing the shipped configs."""
+
+import os
+import tempfile
+from pathlib import Path
+
+# Before anything imports `datasets`/`transformers`: never reach the hub, and keep tokenized caches per test run.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="lft-datasets-"))
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+import pytest  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+
+from lightning_ft.config import register_resolvers  # noqa: E402
+from lightning_ft.paths import config_dir  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+# Fast settings for runs that only check the plumbing.
+QUICK = ["backbone=tiny_bert", "debug=limit", "~callbacks.progress_bar"]
+
+register_resolvers()
+
+
+def compose_config(overrides: list[str], run_dir: Path):
+    """The config `python -m lightning_ft.train <overrides>` would get, with its output in ``run_dir``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=[*overrides, f"run_dir={run_dir}"], return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained(tmp_path_factory) -> str:
+    """A tiny BERT saved like a hub checkpoint: loading it goes through from_pretrained (eval mode and all)."""
+    from transformers import AutoConfig, AutoModel
+
+    from lightning_ft.backbones import load_tokenizer, resolve_name
+
+    path = tmp_path_factory.mktemp("tiny_pretrained")
+    config = AutoConfig.from_pretrained(resolve_name(MINILM), **TINY)
+    AutoModel.from_config(config).save_pretrained(path)
+    load_tokenizer(MINILM).save_pretrained(path)
+    return str(path)
+
+
+def write_tsv(path: Path, header: list[str], rows: list[list]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["\t".join(header)] + ["\t".join(str(v) for v in row) for row in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
