@@ -70,7 +70,8 @@ def train(cfg: DictConfig) -> float | None:
 
     callbacks = _build(cfg.get("callbacks"))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=_build(cfg.get("logger")) or False)
-    checkpoint = trainer.checkpoint_callback
+    # The callback keeping the best checkpoint by the monitored metric (not the one keeping last.ckpt).
+    checkpoint = next((cb for cb in trainer.checkpoint_callbacks if cb.monitor == cfg.monitor), None)
 
     if cfg.train:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)

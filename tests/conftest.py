@@ -13,6 +13,7 @@ import pytest  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import open_dict  # noqa: E402
 
 from lightning_ft.config import register_resolvers  # noqa: E402
 from lightning_ft.paths import config_dir  # noqa: E402
@@ -32,6 +33,8 @@ def compose_config(overrides: list[str], run_dir: Path):
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose("train", overrides=[*overrides, f"run_dir={run_dir}"], return_hydra_config=True)
         HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]  # the app itself never sees this node
     return cfg
 
 

@@ -28,6 +28,7 @@ class TaskModule(pl.LightningModule):
             ``conf/backbone``. Kept as plain data so a checkpoint can rebuild the module.
         optimizer: a factory ``params -> Optimizer`` (a Hydra ``_partial_``); AdamW with lr 5e-5 when omitted.
         scheduler: a factory ``(optimizer, total_steps) -> LRScheduler``; none when omitted.
+        model_config: settings a subclass puts on the model config (``num_labels``, ``id2label``...).
     """
 
     auto_class: Any = None  # e.g. transformers.AutoModelForSequenceClassification
@@ -39,14 +40,16 @@ class TaskModule(pl.LightningModule):
         backbone: dict[str, Any],
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., Any] | None = None,
-        **model_config: Any,
+        model_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        # The factories are code, not hyper-parameters: they are rebuilt from the config, never pickled.
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        # Saved: the subclass's own arguments and the backbone, enough to rebuild the module from a checkpoint. Not
+        # saved: the factories (code, rebuilt from the config) and model_config, which a subclass derives from its
+        # own arguments.
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "model_config"])
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self.model = load_model(self.auto_class, **dict(backbone), **model_config)
+        self.model = load_model(self.auto_class, **dict(backbone), **(model_config or {}))
         # from_pretrained returns the model in eval mode and Lightning 2.x keeps a submodule's own mode, so without
         # this the whole fine-tuning would run with dropout off.
         self.model.train()

@@ -206,13 +206,8 @@ class TextClassificationTask(TaskModule):
         self.threshold = threshold
         self.num_labels = num_labels
         id2label = {int(k): str(v) for k, v in id2label.items()}
-        super().__init__(
-            num_labels=num_labels,
-            id2label=id2label,
-            label2id={v: k for k, v in id2label.items()},
-            problem_type=problem_type,
-            **kwargs,
-        )
+        head = {"num_labels": num_labels, "id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
+        super().__init__(model_config={**head, "problem_type": problem_type}, **kwargs)
 
     @property
     def monitor(self) -> tuple[str, str]:
