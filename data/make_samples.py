@@ -28,13 +28,15 @@ def write_tsv(path: Path, header: list[str], rows: list[list[str]]) -> None:
 def main() -> None:
     rng = random.Random(0)
     # SST-2: train and validation are disjoint draws from GLUE train; test is the whole GLUE dev split (872).
+    # Labels as words, so the sample's config needs no label_names that would stick to a user's own data_dir.
+    names = {"0": "negative", "1": "positive"}
     header, rows = read_tsv(SHARED / "glue_sst2/train.tsv")
-    rows = [[r[0].strip(), r[1]] for r in rows]
+    rows = [[r[0].strip(), names[r[1]]] for r in rows]
     picked = rng.sample(rows, 1500)
     write_tsv(OUT / "sst2/train.tsv", header, picked[:1200])
     write_tsv(OUT / "sst2/validation.tsv", header, picked[1200:])
     header, rows = read_tsv(SHARED / "glue_sst2/dev.tsv")
-    write_tsv(OUT / "sst2/test.tsv", header, [[r[0].strip(), r[1]] for r in rows])
+    write_tsv(OUT / "sst2/test.tsv", header, [[r[0].strip(), names[r[1]]] for r in rows])
 
     # STS-B: sentence pairs with a float score; train from GLUE train, validation/test from GLUE dev.
     header, rows = read_tsv(SHARED / "glue_stsb/train.tsv")

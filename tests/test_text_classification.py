@@ -21,7 +21,7 @@ from lightning_ft.tasks.text_classification import (
 )
 from lightning_ft.train import train
 
-WORDS = "good bad great awful fine poor nice dull superb weak".split()
+WORDS = ["good", "bad", "great", "awful", "fine", "poor", "nice", "dull", "superb", "weak"]
 
 
 def walk(obj):

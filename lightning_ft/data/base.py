@@ -187,6 +187,11 @@ class TaskDataModule(pl.LightningDataModule):
                         builder, data_files=[str(p) for p in paths], split="train", cache_dir=self.cache_dir, **kwargs
                     )
                 except (datasets.exceptions.DatasetGenerationError, ValueError) as err:
+                    if "corresponds to no data" in str(err):  # datasets' words for a file with no rows
+                        raise UserError(
+                            f"the {split} split of the dataset is empty ({', '.join(map(str, paths))}): "
+                            "give it at least one row."
+                        ) from err
                     raise UserError(
                         f"dataset.data_files.{split} {[str(p) for p in paths]} could not be read as {builder}: "
                         f"{err.__cause__ or err}. Fix the file or dataset.reader_kwargs."

@@ -1,0 +1,75 @@
+"""Every command in the README runs (with a tiny model and a few batches; test_e2e runs the main one for real)."""
+
+import re
+import shlex
+
+import pytest
+from cli import run_cli
+from conftest import ROOT, write_tsv
+
+README = (ROOT / "README.md").read_text()
+SHARED = ROOT.parent / "shared" / "data"
+QUICK_RUN = ["~callbacks.progress_bar"]
+
+
+def blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
+
+
+def commands() -> list[str]:
+    lines = [line.strip() for block in blocks("bash") for line in block.splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+@pytest.fixture(scope="module")
+def placeholders(tmp_path_factory, tiny_pretrained):
+    data = tmp_path_factory.mktemp("user_data")
+    rows = [[f"review number {i} {'great' if i % 2 else 'awful'}", "good" if i % 2 else "bad"] for i in range(60)]
+    write_tsv(data / "train.tsv", ["review", "stars"], rows[:40])
+    write_tsv(data / "dev.tsv", ["review", "stars"], rows[40:])
+    return {"<your data dir>": str(data), "<model dir>": tiny_pretrained, "<exported dir>": tiny_pretrained}
+
+
+def test_readme_has_the_two_commands_of_a_new_user():
+    first, second = commands()[:2]
+    assert first == "bash scripts/setup.sh && python -m lightning_ft.train"
+    assert second == "python -m pytest"
+    assert "python -m pytest" in (ROOT / ".ci" / "run").read_text()
+    assert "bash scripts/setup.sh" in (ROOT / ".ci" / "run").read_text()
+
+
+@pytest.mark.parametrize("command", [c for c in commands() if "lightning_ft.train" in c])
+def test_readme_train_command_runs(command, tmp_path, placeholders):
+    command = command.split("&& ")[-1]  # the setup part ran in CI's install step
+    for key, value in placeholders.items():
+        command = command.replace(key, shlex.quote(value))
+    assert "<" not in command, f"unknown placeholder in README command: {command}"
+    args = shlex.split(command.replace("../shared/data", str(SHARED)))[3:]  # drop `python -m lightning_ft.train`
+    if "--cfg" in args or "--help" in args:
+        result = run_cli(args, tmp_path)
+        assert result.returncode == 0 and "task:" in result.stdout
+        return
+    if not any(a.startswith(("backbone=", "backbone.name=")) for a in args):
+        args.append("backbone=tiny_bert")
+    if not any(a.startswith("debug=") for a in args):
+        args.append("debug=limit")
+    if str(SHARED) in " ".join(args):
+        args += ["+dataset.max_train_examples=300", "+dataset.max_eval_examples=100"]
+    result = run_cli([*args, *QUICK_RUN], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = list((tmp_path / "outputs").rglob("metrics.json"))
+    assert len(metrics) == (2 if "-m" in args else 1)
+
+
+def test_readme_python_snippet_runs(placeholders):
+    for block in blocks("python"):
+        code = block
+        for key, value in placeholders.items():
+            code = code.replace(key, value)
+        exec(compile(code, "README.md", "exec"), {})
+
+
+def test_every_readme_command_is_exercised():
+    handled = {"bash scripts/setup.sh && python -m lightning_ft.train", "python -m pytest"}
+    for command in commands():
+        assert command in handled or command.startswith("python -m lightning_ft.train"), command
