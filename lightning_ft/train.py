@@ -82,9 +82,10 @@ def train(cfg: DictConfig) -> float | None:
 
     results: dict[str, Any] = {"monitor": cfg.monitor, "best_model_path": best_path}
     if cfg.train:
-        results["validation"] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         best_score = checkpoint.best_model_score if checkpoint else None
         results["best_score"] = float(best_score) if best_score is not None else None
+    # Every reported number describes the same weights: the ones that are tested and exported.
+    results["validation"] = {k: float(v) for k, v in trainer.validate(module, datamodule=datamodule)[0].items()}
     if cfg.test and datamodule.has_split("test"):
         results["test"] = {k: float(v) for k, v in trainer.test(module, datamodule=datamodule)[0].items()}
 

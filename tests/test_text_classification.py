@@ -209,6 +209,8 @@ def test_train_run_dir_holds_config_checkpoints_metrics_and_export(tmp_path):
     assert (run / "checkpoints" / "last.ckpt").is_file()
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["monitor"] == "val/accuracy" and metrics["best_score"] == pytest.approx(best)
+    # What is tested and exported is the best checkpoint: validating it again gives the best score.
+    assert metrics["validation"]["val/accuracy"] == pytest.approx(metrics["best_score"])
     assert {"test/accuracy", "test/f1_macro", "test/mcc"} <= set(metrics["test"])
     assert (run / "hf_model" / "config.json").is_file()
     exported = json.loads((run / "hf_model" / "config.json").read_text())

@@ -1,0 +1,205 @@
+"""lightning_ft vs the Hugging Face Trainer: MiniLM fine-tuned on SST-2, same work, one process, alternating runs.
+
+Both get the same model directory, training subset, max length 128, batch 32, AdamW (lr, weight decay, no decay on
+biases/LayerNorm), linear schedule, clipping at 1.0, number of steps and 2 threads. Train throughput is timed the
+same way for both (train start to train end, no evaluation inside); then both evaluate on the full SST-2 dev split.
+
+    python benchmarks/sst2_vs_hf_trainer.py --steps 150 --repeats 2 --precision fp32 bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "glue_sst2"
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+LR, BATCH, MAX_LEN, WEIGHT_DECAY, SEED = 5e-5, 32, 128, 0.01, 42
+
+
+def run_lightning_ft(steps: int, train_examples: int, precision: str) -> dict:
+    import pytorch_lightning as pl
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from lightning_ft.backbones import load_tokenizer
+    from lightning_ft.config import register_resolvers
+    from lightning_ft.paths import config_dir
+    from lightning_ft.train import build_task
+
+    register_resolvers()
+    overrides = [
+        "dataset=sst2", f"dataset.data_dir={DATA}", f"+dataset.max_train_examples={train_examples}",
+        f"dataset.batch_size={BATCH}", f"dataset.max_length={MAX_LEN}", f"optim.lr={LR}",
+        f"optim.weight_decay={WEIGHT_DECAY}", "scheduler.warmup_ratio=0.0", f"seed={SEED}", "run_dir=unused",
+    ]
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    pl.seed_everything(SEED, workers=True)
+    tokenizer = load_tokenizer(**cfg.backbone)
+    datamodule = instantiate(cfg.dataset, tokenizer=tokenizer, seed=SEED, _convert_="all")
+    datamodule.prepare_data()
+    module = build_task(cfg, datamodule)
+    timer = _LightningTimer()
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=steps, max_epochs=-1, precision="bf16-mixed" if precision == "bf16"
+        else "32-true", gradient_clip_val=1.0, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+    )
+    trainer.fit(module, datamodule=datamodule)
+    accuracy = trainer.test(module, datamodule=datamodule, verbose=False)[0]["test/accuracy"]
+    return {"seconds": timer.seconds, "samples": steps * BATCH, "accuracy": accuracy}
+
+
+class _LightningTimer:
+    """Wall time from train start to train end (a Lightning callback, built lazily to keep imports in one place)."""
+
+    def __new__(cls):
+        import pytorch_lightning as pl
+
+        class Timer(pl.Callback):
+            seconds = 0.0
+
+            def on_train_start(self, trainer, pl_module):
+                self.start = time.perf_counter()
+
+            def on_train_end(self, trainer, pl_module):
+                self.seconds = time.perf_counter() - self.start
+
+        return Timer()
+
+
+def run_hf_trainer(steps: int, train_examples: int, precision: str) -> dict:
+    import datasets
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
+    from lightning_ft.backbones import resolve_name
+
+    model_dir = resolve_name(MINILM)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    read = {"delimiter": "\t", "quoting": 3}
+    train = datasets.load_dataset("csv", data_files=str(DATA / "train.tsv"), split="train", **read)
+    dev = datasets.load_dataset("csv", data_files=str(DATA / "dev.tsv"), split="train", **read)
+    train = train.select(range(train_examples))
+
+    def encode(batch):
+        return tokenizer(batch["sentence"], truncation=True, max_length=MAX_LEN)
+
+    train = train.map(encode, batched=True, remove_columns=["sentence"])
+    dev = dev.map(encode, batched=True, remove_columns=["sentence"])
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+
+    class Timer(TrainerCallback):
+        seconds = 0.0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.seconds = time.perf_counter() - self.start
+
+    timer = Timer()
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(
+            output_dir=out, per_device_train_batch_size=BATCH, per_device_eval_batch_size=2 * BATCH,
+            learning_rate=LR, weight_decay=WEIGHT_DECAY, max_grad_norm=1.0, max_steps=steps,
+            lr_scheduler_type="linear", warmup_steps=0, logging_strategy="no", save_strategy="no",
+            eval_strategy="no", report_to=[], use_cpu=True, seed=SEED, dataloader_num_workers=0,
+            disable_tqdm=True, bf16=precision == "bf16",
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=DataCollatorWithPadding(tokenizer),
+                          callbacks=[timer])
+        trainer.train()
+        predictions = trainer.predict(dev)
+    accuracy = float((np.argmax(predictions.predictions, -1) == predictions.label_ids).mean())
+    return {"seconds": timer.seconds, "samples": steps * BATCH, "accuracy": accuracy}
+
+
+def environment() -> str:
+    import datasets
+    import pytorch_lightning
+    import transformers
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True).stdout.strip()
+    except OSError:
+        commit = "unknown"
+    versions = ", ".join(f"{name} {version}" for name, version in [
+        ("Python", platform.python_version()), ("torch", torch.__version__),
+        ("pytorch-lightning", pytorch_lightning.__version__), ("transformers", transformers.__version__),
+        ("datasets", datasets.__version__)])
+    return f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; {versions}; lightning_ft {commit}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--train-examples", type=int, default=8000)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    rows = []
+    for precision in args.precision:
+        runs = {"lightning_ft": [], "hf_trainer": []}
+        for repeat in range(args.repeats):  # alternate, so drift in machine speed hits both alike
+            for name, fn in (("lightning_ft", run_lightning_ft), ("hf_trainer", run_hf_trainer)):
+                result = fn(args.steps, args.train_examples, precision)
+                runs[name].append(result)
+                print(f"[{precision} #{repeat}] {name}: {result['samples'] / result['seconds']:.1f} samples/s, "
+                      f"dev accuracy {result['accuracy']:.4f}", flush=True)
+        speed = {n: statistics.median(r["samples"] / r["seconds"] for r in rs) for n, rs in runs.items()}
+        accuracy = {n: statistics.median(r["accuracy"] for r in rs) for n, rs in runs.items()}
+        rows.append(f"| {precision} | {speed['lightning_ft']:.1f} | {speed['hf_trainer']:.1f} | "
+                    f"{speed['lightning_ft'] / speed['hf_trainer']:.3f} | {accuracy['lightning_ft']:.4f} | "
+                    f"{accuracy['hf_trainer']:.4f} |")
+
+    command = "python " + " ".join([str(Path(sys.argv[0]).relative_to(ROOT)) if Path(sys.argv[0]).is_absolute()
+                                    else sys.argv[0], *sys.argv[1:]])
+    report = "\n".join([
+        f"\n## SST-2, MiniLM-L6: lightning_ft vs Hugging Face Trainer ({datetime.date.today()})\n",
+        f"Command: `{command}`  ",
+        f"Machine: {environment()}  ",
+        f"Work: {args.steps} steps x batch {BATCH} from the first {args.train_examples} GLUE SST-2 train rows, max "
+        f"length {MAX_LEN}, lr {LR}, linear decay, clip 1.0; dev = full GLUE SST-2 dev (872). Medians of "
+        f"{args.repeats} alternating runs each.\n",
+        "| precision | lightning_ft samples/s | HF Trainer samples/s | ratio | lightning_ft dev acc | HF dev acc |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ])
+    print(report)
+    with open(args.results, "a") as f:
+        f.write(report)
+
+
+if __name__ == "__main__":
+    main()
