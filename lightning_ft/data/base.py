@@ -126,6 +126,10 @@ class TaskDataModule(pl.LightningDataModule):
         """Tokenize a batch of raw rows into model inputs (``input_ids``, ``labels``...)."""
         raise NotImplementedError
 
+    def model_kwargs(self) -> dict[str, Any]:
+        """What the task module needs to know about the data (e.g. ``num_labels``, ``id2label``)."""
+        return {}
+
     def preprocessing_settings(self) -> dict[str, Any]:
         """Everything besides the raw data and tokenizer that changes what ``encode`` writes."""
         return {"max_length": self.max_length}

@@ -1,0 +1,23 @@
+"""Package hygiene: one Lightning package, and an entry point that imports nothing heavy until it trains."""
+
+import re
+import subprocess
+import sys
+
+from conftest import ROOT
+
+SOURCES = ["lightning_ft/**/*.py", "tests/*.py", "benchmarks/*.py"]
+
+
+def test_only_pytorch_lightning_is_imported():
+    # `lightning` and `pytorch_lightning` are two copies of the same code; mixing them gives TypeErrors.
+    pattern = re.compile(r"^\s*(import|from) lightning\b", re.M)  # \b: `lightning_ft` does not match
+    offenders = [p for glob in SOURCES for p in ROOT.glob(glob) if pattern.search(p.read_text())]
+    assert not offenders
+
+
+def test_entry_point_imports_no_heavy_library_before_training():
+    heavy = ("torch", "transformers", "datasets")
+    code = f"import sys, lightning_ft.train; print(sorted(m for m in {heavy} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]", "`--help` and config errors must not wait for torch/transformers/datasets to import"
