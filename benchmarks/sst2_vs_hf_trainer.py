@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import os
 import platform
 import statistics
@@ -32,7 +33,7 @@ MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 LR, BATCH, MAX_LEN, WEIGHT_DECAY = 5e-5, 32, 128, 0.01
 
 
-def run_lightning_ft(steps: int, train_examples: int, precision: str, seed: int) -> dict:
+def run_lightning_ft(steps: int, train_examples: int, precision: str, seed: int, grouped: bool = False) -> dict:
     import pytorch_lightning as pl
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
@@ -47,6 +48,7 @@ def run_lightning_ft(steps: int, train_examples: int, precision: str, seed: int)
         "dataset=sst2", f"dataset.data_dir={DATA}", f"+dataset.max_train_examples={train_examples}",
         f"dataset.batch_size={BATCH}", f"dataset.max_length={MAX_LEN}", f"optim.lr={LR}",
         f"optim.weight_decay={WEIGHT_DECAY}", "scheduler.warmup_ratio=0.0", f"seed={seed}", "run_dir=unused",
+        f"+dataset.group_by_length={grouped}",
     ]
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
@@ -181,33 +183,40 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--warmup-steps", type=int, default=10, help="untimed runs of both first (kernel caches)")
+    parser.add_argument("--grouped", action="store_true", help="also time lightning_ft with group_by_length=true")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    variants = {"lightning_ft": run_lightning_ft, "hf_trainer": run_hf_trainer}
+    if args.grouped:
+        variants["lightning_ft grouped"] = functools.partial(run_lightning_ft, grouped=True)
     rows = []
     for precision in args.precision:
-        runs = {"lightning_ft": [], "hf_trainer": []}
-        for repeat in range(args.repeats):  # alternate, so drift in machine speed hits both alike
-            for name, fn in (("lightning_ft", run_lightning_ft), ("hf_trainer", run_hf_trainer)):
+        if args.warmup_steps:  # the first run in a process pays one-time costs (oneDNN kernel caches, allocator)
+            for fn in variants.values():
+                fn(args.warmup_steps, 1000, precision, seed=0)
+        runs = {name: [] for name in variants}
+        for repeat in range(args.repeats):  # alternate, so drift in machine speed hits all alike
+            for name, fn in variants.items():
                 result = fn(args.steps, args.train_examples, precision, seed=42 + repeat)
                 runs[name].append(result)
                 print(f"[{precision} seed {42 + repeat}] {name}: {result['samples'] / result['seconds']:.1f} samples/s,"
                       f" {result['tokens'] / result['seconds']:.0f} padded tokens/s, padding "
                       f"{1 - result['real_tokens'] / result['tokens']:.1%}, dev accuracy {result['accuracy']:.4f}",
                       flush=True)
-
-        def median(name, key, runs=runs):
-            return statistics.median(key(r) for r in runs[name])
-
-        samples = {n: median(n, lambda r: r["samples"] / r["seconds"]) for n in runs}
-        tokens = {n: median(n, lambda r: r["tokens"] / r["seconds"]) for n in runs}
-        padding = {n: median(n, lambda r: 1 - r["real_tokens"] / r["tokens"]) for n in runs}
-        accuracy = {n: median(n, lambda r: r["accuracy"]) for n in runs}
-        lft, hf = "lightning_ft", "hf_trainer"
-        rows.append(f"| {precision} | {samples[lft]:.1f} | {samples[hf]:.1f} | **{samples[lft] / samples[hf]:.3f}** | "
-                    f"{tokens[lft]:.0f} | {tokens[hf]:.0f} | {tokens[lft] / tokens[hf]:.3f} | "
-                    f"{padding[lft]:.1%} / {padding[hf]:.1%} | {accuracy[lft]:.4f} | {accuracy[hf]:.4f} |")
+        hf = runs["hf_trainer"]
+        hf_samples = statistics.median(r["samples"] / r["seconds"] for r in hf)
+        hf_tokens = statistics.median(r["tokens"] / r["seconds"] for r in hf)
+        for name in variants:
+            mine = runs[name]
+            samples = statistics.median(r["samples"] / r["seconds"] for r in mine)
+            tokens = statistics.median(r["tokens"] / r["seconds"] for r in mine)
+            padding = statistics.median(1 - r["real_tokens"] / r["tokens"] for r in mine)
+            accuracy = statistics.median(r["accuracy"] for r in mine)
+            rows.append(f"| {precision} | {name} | {samples:.1f} | **{samples / hf_samples:.3f}** | {tokens:.0f} | "
+                        f"{tokens / hf_tokens:.3f} | {padding:.1%} | {accuracy:.4f} |")
 
     command = "python " + " ".join([str(Path(sys.argv[0]).relative_to(ROOT)) if Path(sys.argv[0]).is_absolute()
                                     else sys.argv[0], *sys.argv[1:]])
@@ -217,12 +226,12 @@ def main() -> None:
         f"Machine: {environment()}  ",
         f"Work: {args.steps} steps x batch {BATCH} from the first {args.train_examples} GLUE SST-2 train rows, max "
         f"length {MAX_LEN}, lr {LR}, linear decay, clip 1.0, fused AdamW in both; dev = full GLUE SST-2 dev (872). "
-        f"Medians of {args.repeats} alternating runs each (seeds 42..{41 + args.repeats}, the same seed for both "
+        f"Untimed warm-up runs of each first. Medians of {args.repeats} alternating runs each "
+        f"(seeds 42..{41 + args.repeats}, the same seed for both "
         "sides of a pair). Both shuffle, so batch order and hence padding differ between the sides: padded tokens/s "
         "is the rate of work, samples/s also carries padding luck.\n",
-        "| precision | lightning_ft samples/s | HF samples/s | ratio | lightning_ft padded tok/s | HF padded tok/s | "
-        "ratio | padding (lft / HF) | lightning_ft dev acc | HF dev acc |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| precision | run | train samples/s | ratio to HF | padded tokens/s | ratio to HF | padding | dev accuracy |",
+        "|---|---|---|---|---|---|---|---|",
         *rows,
         "",
     ])

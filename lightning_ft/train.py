@@ -53,6 +53,11 @@ def train(cfg: DictConfig) -> float | None:
 
     from lightning_ft.backbones import load_tokenizer
 
+    if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
+        raise UserError(
+            f"ckpt_path '{cfg.ckpt_path}' does not exist (resolved to {Path(cfg.ckpt_path).resolve()}): give the path "
+            "of a .ckpt file, e.g. <run dir>/checkpoints/last.ckpt."
+        )
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)

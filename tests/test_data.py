@@ -2,6 +2,7 @@
 
 import json
 import logging
+import random
 
 import pytest
 import torch
@@ -188,3 +189,32 @@ def test_label_names_order_is_saved(tmp_path):
     dm.prepare_data()
     assert dm.model_kwargs()["id2label"] == {0: "neg", 1: "pos"}
     assert json.dumps(dm.preprocessing_settings())  # the cache key must be serialisable
+
+
+def test_group_by_length_sees_every_example_once_with_less_padding(tmp_path):
+    rng = random.Random(0)
+    # 3,200 rows: enough for the sampler's full mega-batches (50 batches; fewer on tiny sets).
+    rows = [[" ".join(["word"] * rng.randint(1, 60)) + f" id{i}", i % 2] for i in range(3200)]
+    data_dir = str(split_files(tmp_path, rows, rows[:10]))
+
+    def padding_and_ids(dm):
+        padded = real = 0
+        ids = []
+        for batch in dm.train_dataloader():
+            padded += batch["input_ids"].numel()
+            real += int(batch["attention_mask"].sum())
+            ids += [dm.tokenizer.decode(row[mask.bool()], skip_special_tokens=True).split()[-1]
+                    for row, mask in zip(batch["input_ids"], batch["attention_mask"])]
+        return 1 - real / padded, ids
+
+    plain = make_dm(data_dir=data_dir, batch_size=16)
+    plain.prepare_data()
+    grouped = make_dm(data_dir=data_dir, batch_size=16, group_by_length=True)
+    grouped.prepare_data()
+    torch.manual_seed(0)
+    plain_padding, _ = padding_and_ids(plain)
+    grouped_padding, first = padding_and_ids(grouped)
+    _, second = padding_and_ids(grouped)
+    assert sorted(first) == sorted(f"id{i}" for i in range(3200)), "every example exactly once per epoch"
+    assert first != second, "a new order every epoch"
+    assert plain_padding > 0.3 and grouped_padding < 0.1 * plain_padding

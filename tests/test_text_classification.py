@@ -235,3 +235,12 @@ def test_ckpt_path_resumes_training(tmp_path):
     train(second)
     resumed = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert resumed["epoch"] == 2 and resumed["global_step"] == 3 * steps_one_epoch
+
+
+def test_ckpt_path_that_does_not_exist_fails_before_anything_runs(tmp_path):
+    from lightning_ft.errors import UserError
+
+    cfg = compose_config([*QUICK, f"ckpt_path={tmp_path / 'missing.ckpt'}"], tmp_path / "run")
+    with pytest.raises(UserError, match=r"ckpt_path '.*missing.ckpt' does not exist .*/checkpoints/last.ckpt"):
+        train(cfg)
+    assert not (tmp_path / "run").exists(), "nothing is written for a run that cannot start"

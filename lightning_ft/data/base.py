@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import pyarrow.compute as pc
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
@@ -58,6 +59,7 @@ class TaskDataModule(pl.LightningDataModule):
     Data comes from local files (``data_dir`` and/or ``data_files``: csv, tsv, json, jsonl, parquet, txt, gz
     allowed) or, when no local path is given, from the Hugging Face Hub (``hub_name``, ``hub_config``; ``hub_splits``
     and ``hub_rename`` map the hub's split and column names to the local ones).
+    ``group_by_length`` batches training rows of similar length together (far less padding, same shuffling).
     Tokenization runs once per split and is cached by ``datasets`` under a key made of the raw data's fingerprint,
     the tokenizer and the preprocessing settings: a second identical run, or another DDP rank, reads the cache.
     """
@@ -81,6 +83,7 @@ class TaskDataModule(pl.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         pad_to_multiple_of: int | None = None,
+        group_by_length: bool = False,
         cache_dir: str | None = None,
         seed: int = 42,
     ) -> None:
@@ -105,6 +108,7 @@ class TaskDataModule(pl.LightningDataModule):
         self.eval_batch_size = eval_batch_size or 2 * batch_size
         self.num_workers = num_workers
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.group_by_length = group_by_length
         self.cache_dir = cache_dir
         self.seed = seed
         self.datasets: dict[str, Any] | None = None
@@ -293,30 +297,39 @@ class TaskDataModule(pl.LightningDataModule):
         self.truncated[self._current_split] = self.truncated.get(self._current_split, 0) + lost
 
     # ---- loaders -----------------------------------------------------------------------------------------------
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str) -> DataLoader:
         if self.datasets is None:
             self._prepare()
+        data, sampler = self.datasets[split], None
+        if split == "train" and self.group_by_length:
+            # transformers' sampler: shuffled mega-batches of 50 batches, sorted by length inside, so a batch holds
+            # rows of similar length (little padding) while the epoch stays shuffled, in a new order every epoch.
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            lengths = pc.list_value_length(data.with_format("arrow")["input_ids"]).to_pylist()
+            sampler = LengthGroupedSampler(self.batch_size, lengths=lengths)
         return DataLoader(
-            self.datasets[split],
+            data,
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            shuffle=shuffle,
+            shuffle=split == "train" and sampler is None,
+            sampler=sampler,
             collate_fn=self.collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self._loader("train")
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("validation", shuffle=False)
+        return self._loader("validation")
 
     def test_dataloader(self) -> DataLoader:
         if self.datasets is None:
             self._prepare()
         if "test" not in self.datasets:
             raise UserError("the dataset has no test split: add dataset.data_files.test, or run with test=false.")
-        return self._loader("test", shuffle=False)
+        return self._loader("test")
 
     def has_split(self, split: str) -> bool:
         if self.datasets is None:
