@@ -48,7 +48,7 @@ def run_lightning_ft(steps: int, train_examples: int, precision: str, seed: int,
         "dataset=sst2", f"dataset.data_dir={DATA}", f"+dataset.max_train_examples={train_examples}",
         f"dataset.batch_size={BATCH}", f"dataset.max_length={MAX_LEN}", f"optim.lr={LR}",
         f"optim.weight_decay={WEIGHT_DECAY}", "scheduler.warmup_ratio=0.0", f"seed={seed}", "run_dir=unused",
-        f"+dataset.group_by_length={grouped}",
+        f"dataset.group_by_length={grouped}",
     ]
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
