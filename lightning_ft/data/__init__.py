@@ -1,0 +1,1 @@
+"""Data loading shared by all tasks."""

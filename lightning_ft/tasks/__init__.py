@@ -1,0 +1,1 @@
+"""One module per task: its DataModule (preprocessing) and LightningModule (head, loss, metrics)."""
