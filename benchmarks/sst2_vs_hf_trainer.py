@@ -57,7 +57,23 @@ def run_lightning_ft(steps: int, train_examples: int, precision: str, seed: int,
     datamodule = instantiate(cfg.dataset, tokenizer=tokenizer, seed=seed, _convert_="all")
     datamodule.prepare_data()
     module = build_task(cfg, datamodule)
-    timer = _LightningTimer()
+
+    class Timer(pl.Callback):
+        """Wall time from train start to train end, and the tokens that entered the model."""
+
+        seconds, tokens, real_tokens = 0.0, 0, 0
+
+        def on_train_start(self, trainer, pl_module):
+            self.start = time.perf_counter()
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.tokens += batch["input_ids"].numel()
+            self.real_tokens += int(batch["attention_mask"].sum())
+
+        def on_train_end(self, trainer, pl_module):
+            self.seconds = time.perf_counter() - self.start
+
+    timer = Timer()
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_steps=steps, max_epochs=-1, precision="bf16-mixed" if precision == "bf16"
         else "32-true", gradient_clip_val=1.0, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
@@ -67,28 +83,6 @@ def run_lightning_ft(steps: int, train_examples: int, precision: str, seed: int,
     accuracy = trainer.test(module, datamodule=datamodule, verbose=False)[0]["test/accuracy"]
     return {"seconds": timer.seconds, "samples": steps * BATCH, "tokens": timer.tokens,
             "real_tokens": timer.real_tokens, "accuracy": accuracy}
-
-
-class _LightningTimer:
-    """Wall time from train start to train end (a Lightning callback, built lazily to keep imports in one place)."""
-
-    def __new__(cls):
-        import pytorch_lightning as pl
-
-        class Timer(pl.Callback):
-            seconds, tokens, real_tokens = 0.0, 0, 0
-
-            def on_train_start(self, trainer, pl_module):
-                self.start = time.perf_counter()
-
-            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-                self.tokens += batch["input_ids"].numel()
-                self.real_tokens += int(batch["attention_mask"].sum())
-
-            def on_train_end(self, trainer, pl_module):
-                self.seconds = time.perf_counter() - self.start
-
-        return Timer()
 
 
 def run_hf_trainer(steps: int, train_examples: int, precision: str, seed: int) -> dict:

@@ -298,8 +298,7 @@ class TaskDataModule(pl.LightningDataModule):
 
     # ---- loaders -----------------------------------------------------------------------------------------------
     def _loader(self, split: str) -> DataLoader:
-        if self.datasets is None:
-            self._prepare()
+        self._prepare()
         data, sampler = self.datasets[split], None
         if split == "train" and self.group_by_length:
             # transformers' sampler: shuffled mega-batches of 50 batches, sorted by length inside, so a batch holds
@@ -325,13 +324,11 @@ class TaskDataModule(pl.LightningDataModule):
         return self._loader("validation")
 
     def test_dataloader(self) -> DataLoader:
-        if self.datasets is None:
-            self._prepare()
+        self._prepare()
         if "test" not in self.datasets:
             raise UserError("the dataset has no test split: add dataset.data_files.test, or run with test=false.")
         return self._loader("test")
 
     def has_split(self, split: str) -> bool:
-        if self.datasets is None:
-            self._prepare()
+        self._prepare()
         return split in self.datasets

@@ -119,13 +119,13 @@ class TaskModule(pl.LightningModule):
             return
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         fused = getattr(optimizer, "_step_supports_amp_scaling", False)
-        if scaler is not None and fused:
-            raise UserError(
-                "precision=16-mixed with gradient clipping cannot use a fused optimizer (it unscales fp16 "
-                "gradients inside step, after clipping would have run): set optim.fused=false, or use "
-                "trainer.precision=bf16-mixed."
-            )
-        if scaler is None and fused:
+        if fused:
+            if scaler is not None:
+                raise UserError(
+                    "precision=16-mixed with gradient clipping cannot use a fused optimizer (it unscales fp16 "
+                    "gradients inside step, after clipping would have run): set optim.fused=false, or use "
+                    "trainer.precision=bf16-mixed."
+                )
             # Lightning 2.6 refuses to clip for fused optimizers under any "-mixed" precision, because they unscale
             # fp16 gradients inside step(). bf16 has no scaler and nothing to unscale, so clipping here is exact.
             params = [p for group in optimizer.param_groups for p in group["params"]]
