@@ -1,0 +1,1 @@
+"""Corpus-level metrics that torchmetrics lacks."""
