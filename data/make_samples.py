@@ -9,6 +9,7 @@ from pathlib import Path
 
 SHARED = Path("../shared/data")
 OUT = Path(__file__).parent
+WNUT_TRAIN = 2000
 
 
 def read_tsv(path: Path) -> tuple[list[str], list[list[str]]]:
@@ -48,6 +49,27 @@ def main() -> None:
     write_tsv(OUT / "stsb/train.tsv", keep, train)
     write_tsv(OUT / "stsb/validation.tsv", keep, dev[:200])
     write_tsv(OUT / "stsb/test.tsv", keep, dev[200:])
+
+    # WNUT-17 (CC BY 4.0): token<TAB>tag CoNLL files. Train: a random subset of the train split; validation: a
+    # random subset of dev; test: the whole official test split (1,287 sentences).
+    def sentences(path: Path) -> list[list[str]]:
+        blocks, current = [], []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                current.append(line)
+            elif current:
+                blocks.append(current)
+                current = []
+        return blocks + ([current] if current else [])
+
+    def write_conll(path: Path, blocks: list[list[str]]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join("\n".join(b) + "\n\n" for b in blocks), encoding="utf-8")
+
+    wnut = SHARED / "wnut17"
+    write_conll(OUT / "wnut17/train.conll", rng.sample(sentences(wnut / "wnut17train.conll"), WNUT_TRAIN))
+    write_conll(OUT / "wnut17/validation.conll", rng.sample(sentences(wnut / "emerging.dev.conll"), 400))
+    write_conll(OUT / "wnut17/test.conll", sentences(wnut / "emerging.test.annotated"))
 
 
 if __name__ == "__main__":

@@ -96,7 +96,7 @@ def train(cfg: DictConfig) -> float | None:
 
     if trainer.is_global_zero:
         if cfg.export and not trainer.fast_dev_run:
-            results["export_dir"] = str(module.export(run_dir / "hf_model", tokenizer))
+            results["export_dir"] = str(module.export(run_dir / "hf_model", datamodule.tokenizer))
         (run_dir / "metrics.json").write_text(json.dumps(results, indent=2))
         _print_summary(results, run_dir)
     return results.get("best_score")
@@ -106,17 +106,34 @@ def _print_summary(results: dict[str, Any], run_dir: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    console = Console()
     table = Table(title=f"lightning_ft results ({run_dir})")
     table.add_column("metric")
     table.add_column("value", justify="right")
+    # Metrics named stage/group/name (e.g. test/PER/f1, one per entity type) get a table of their own.
+    grouped: dict[str, dict[str, dict[str, float]]] = {}
     for section in ("validation", "test"):
         for name, value in sorted(results.get(section, {}).items()):
-            table.add_row(name, f"{value:.4f}")
+            parts = name.split("/")
+            if len(parts) == 3:
+                grouped.setdefault(parts[0], {}).setdefault(parts[1], {})[parts[2]] = value
+            else:
+                table.add_row(name, f"{value:.4f}")
     if results.get("best_score") is not None:
         table.add_row(f"best {results['monitor']}", f"{results['best_score']:.4f}")
-    Console().print(table)
+    console.print(table)
+    for stage, groups in grouped.items():
+        columns = sorted({c for values in groups.values() for c in values})
+        per_group = Table(title=f"{stage} per type")
+        per_group.add_column("type")
+        for column in columns:
+            per_group.add_column(column, justify="right")
+        for group, values in groups.items():
+            cells = [f"{values[c]:.0f}" if c == "support" else f"{values[c]:.4f}" for c in columns if c in values]
+            per_group.add_row(group, *cells)
+        console.print(per_group)
     if results.get("export_dir"):
-        Console().print(f"Hugging Face model: {results['export_dir']}")
+        console.print(f"Hugging Face model: {results['export_dir']}")
 
 
 register_resolvers()

@@ -12,7 +12,8 @@ from lightning_ft.train import train
 
 SHARED = ROOT.parent / "shared" / "data"
 # Where each experiment's dataset lives on this machine (the experiments name hub datasets).
-LOCAL_DATA = {"sst2": SHARED / "glue_sst2", "stsb": SHARED / "glue_stsb"}
+LOCAL_DATA = {"sst2": SHARED / "glue_sst2", "stsb": SHARED / "glue_stsb", "conll2003": SHARED / "conll2003",
+              "wnut17": SHARED / "wnut17"}
 # Composed but not instantiated here: they need something this machine does not have.
 NEEDS_EXTRA = {("logger", "tensorboard"): "the tensorboard package", ("trainer", "gpu"): "a GPU"}
 
@@ -21,13 +22,15 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
 
 
-GROUPS = ["task", "dataset", "backbone", "trainer", "optim", "scheduler", "callbacks", "logger", "debug", "experiment"]
+GROUPS = ["task", "dataset", "backbone", "trainer", "optim", "scheduler", "callbacks", "logger", "recipe", "debug",
+          "experiment"]
+GLOBAL_GROUPS = {"recipe", "debug", "experiment"}  # @package _global_: merged into the top level
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_config_composes_and_instantiates(tmp_path, group, option):
     cfg = compose_config([f"{group}={option}"], tmp_path)
-    if group not in {"debug", "experiment"}:  # those two are merged into the top level (@package _global_)
+    if group not in GLOBAL_GROUPS:
         assert group in cfg
     if group in {"trainer", "callbacks", "logger"} and (group, option) not in NEEDS_EXTRA:
         cfg.monitor, cfg.monitor_mode = "val/accuracy", "max"
@@ -51,7 +54,9 @@ def test_every_experiment_runs_with_a_tiny_model(tmp_path, experiment):
     assert dataset in LOCAL_DATA, f"add where the {dataset} data lives to LOCAL_DATA"
     overrides = [f"experiment={experiment}", *QUICK, f"dataset.data_dir={LOCAL_DATA[dataset]}",
                  "+dataset.max_train_examples=200", "+dataset.max_eval_examples=100"]
-    best = train(compose_config(overrides, tmp_path))
+    cfg = compose_config(overrides, tmp_path)
+    assert cfg.run_name == experiment  # the experiment's own keys win over train.yaml's
+    best = train(cfg)
     metrics = json.loads(Path(tmp_path, "metrics.json").read_text())
     assert best is not None and metrics["best_score"] == best and metrics["test"]
     assert Path(tmp_path, "hf_model", "config.json").is_file()

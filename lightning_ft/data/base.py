@@ -130,6 +130,9 @@ class TaskDataModule(pl.LightningDataModule):
         """Tokenize a batch of raw rows into model inputs (``input_ids``, ``labels``...)."""
         raise NotImplementedError
 
+    def check_encoded(self, split: str, data: Any) -> None:
+        """Look at a tokenized split (fresh or from the cache), e.g. to warn about what truncation dropped."""
+
     def model_kwargs(self) -> dict[str, Any]:
         """What the task module needs to know about the data (e.g. ``num_labels``, ``id2label``)."""
         return {}
@@ -178,32 +181,36 @@ class TaskDataModule(pl.LightningDataModule):
             resolved[split] = paths
         return resolved
 
+    def read_local(self, split: str, paths: list[Path]) -> Any:
+        """Read one split's local files with the ``datasets`` builder their extension names."""
+        import datasets
+
+        builder = _builder_for(paths[0])
+        kwargs = dict(self.reader_kwargs)
+        if builder == "csv" and paths[0].suffixes and ".tsv" in paths[0].suffixes:
+            kwargs.setdefault("delimiter", "\t")
+            kwargs.setdefault("quoting", 3)  # csv.QUOTE_NONE: GLUE-style TSVs hold bare quote characters
+        try:
+            return datasets.load_dataset(
+                builder, data_files=[str(p) for p in paths], split="train", cache_dir=self.cache_dir, **kwargs
+            )
+        except (datasets.exceptions.DatasetGenerationError, ValueError) as err:
+            if "corresponds to no data" in str(err):  # datasets' words for a file with no rows
+                raise UserError(
+                    f"the {split} split of the dataset is empty ({', '.join(map(str, paths))}): "
+                    "give it at least one row."
+                ) from err
+            raise UserError(
+                f"dataset.data_files.{split} {[str(p) for p in paths]} could not be read as {builder}: "
+                f"{err.__cause__ or err}. Fix the file or dataset.reader_kwargs."
+            ) from err
+
     def load_raw(self) -> dict[str, Any]:
         """The raw splits as ``datasets.Dataset`` objects, keyed ``train``/``validation``/``test``."""
         import datasets
 
         if self.data_dir or (self.data_files and not self.hub_name):
-            raw = {}
-            for split, paths in self._local_files().items():
-                builder = _builder_for(paths[0])
-                kwargs = dict(self.reader_kwargs)
-                if builder == "csv" and paths[0].suffixes and ".tsv" in paths[0].suffixes:
-                    kwargs.setdefault("delimiter", "\t")
-                    kwargs.setdefault("quoting", 3)  # csv.QUOTE_NONE: GLUE-style TSVs hold bare quote characters
-                try:
-                    raw[split] = datasets.load_dataset(
-                        builder, data_files=[str(p) for p in paths], split="train", cache_dir=self.cache_dir, **kwargs
-                    )
-                except (datasets.exceptions.DatasetGenerationError, ValueError) as err:
-                    if "corresponds to no data" in str(err):  # datasets' words for a file with no rows
-                        raise UserError(
-                            f"the {split} split of the dataset is empty ({', '.join(map(str, paths))}): "
-                            "give it at least one row."
-                        ) from err
-                    raise UserError(
-                        f"dataset.data_files.{split} {[str(p) for p in paths]} could not be read as {builder}: "
-                        f"{err.__cause__ or err}. Fix the file or dataset.reader_kwargs."
-                    ) from err
+            raw = {split: self.read_local(split, paths) for split, paths in self._local_files().items()}
         elif self.hub_name:
             try:
                 loaded = datasets.load_dataset(self.hub_name, self.hub_config, cache_dir=self.cache_dir)
@@ -279,6 +286,7 @@ class TaskDataModule(pl.LightningDataModule):
                 new_fingerprint=key,
                 desc=f"Tokenizing {split}",
             )
+            self.check_encoded(split, self.datasets[split])
         for split, count in self.truncated.items():
             if count:
                 log.warning(

@@ -34,6 +34,7 @@ class TaskModule(pl.LightningModule):
 
     auto_class: Any = None  # e.g. transformers.AutoModelForSequenceClassification
     default_monitor: tuple[str, str] = ("val/loss", "min")
+    non_model_keys: tuple[str, ...] = ()  # batch entries the metrics read but the model does not take
 
     def __init__(
         self,
@@ -70,7 +71,7 @@ class TaskModule(pl.LightningModule):
 
     # ---- steps -------------------------------------------------------------------------------------------------
     def forward(self, **inputs: Any) -> Any:
-        return self.model(**inputs)
+        return self.model(**{k: v for k, v in inputs.items() if k not in self.non_model_keys})
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self(**batch).loss

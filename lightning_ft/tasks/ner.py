@@ -1,0 +1,450 @@
+"""Token classification (NER, POS, chunking): one tag per word, evaluated per entity span as seqeval does.
+
+Words are aligned to sub-tokens with a fast tokenizer's ``word_ids``. The first sub-token of a word carries its tag;
+with ``label_all_tokens`` the others carry it too (``B-X`` turned into ``I-X``), as in the Hugging Face example.
+Predictions are read back at the first sub-token of every word. Words that ``max_length`` cut off (or that the
+tokenizer turns into nothing) are predicted ``O`` and still count at evaluation, and a warning says how many.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow.compute as pc
+import torch
+from torchmetrics import MetricCollection
+from transformers import AutoModelForTokenClassification
+
+from lightning_ft.data.base import TaskDataModule
+from lightning_ft.data.conll import read_conll
+from lightning_ft.errors import UserError
+from lightning_ft.metrics.entity import PREFIXES, EntityScores, get_entities, is_entity_scheme
+from lightning_ft.tasks.base import TaskModule
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+# Files read by `datasets` builders; any other extension (.txt, .conll, .iob, .tsv, none...) is a CoNLL column file.
+_TABULAR = {".json", ".jsonl", ".parquet", ".csv"}
+
+
+def order_labels(labels: set[str]) -> list[str]:
+    """A stable label order: ``O``, then by entity type with prefixes B, I, E, S; other tags alphabetically."""
+
+    def key(label: str) -> tuple:
+        if label == "O":
+            return (0, "", 0)
+        if label.startswith(PREFIXES):
+            return (1, label[2:], "BIES".index(label[0]))
+        return (2, label, 0)
+
+    return sorted(labels, key=key)
+
+
+def _require_fast(tokenizer: Any) -> None:
+    if not getattr(tokenizer, "is_fast", False):
+        raise UserError(
+            f"token classification needs a fast tokenizer (it maps sub-tokens back to words with word_ids), but "
+            f"{type(tokenizer).__name__} is a slow one: use a backbone whose directory has a tokenizer.json, or save "
+            "a fast tokenizer with AutoTokenizer.from_pretrained(..., use_fast=True).save_pretrained(dir)."
+        )
+
+
+class TokenClassificationData(TaskDataModule):
+    """Sentences as word lists (``tokens_column``) with one tag per word (``label_column``).
+
+    Local CoNLL column files (any extension but json/jsonl/parquet/csv; ``-DOCSTART-`` lines and blank-line
+    sentence breaks handled) or tabular files/hub datasets with list columns. Tags may be strings or integer ids
+    (with ``label_names`` or a hub ``ClassLabel`` naming them).
+
+    Args:
+        columns: names of a CoNLL file's columns; null = ``tokens ner_tags`` for two columns,
+            ``tokens pos_tags chunk_tags ner_tags`` for four (CoNLL-2003).
+        label_names: the label order; null = learned from the training split (``O`` first, then by type).
+        label_all_tokens: tag every sub-token of a word (``B-`` becomes ``I-`` after the first), not only the first.
+    """
+
+    def __init__(
+        self,
+        *,
+        tokens_column: str = "tokens",
+        label_column: str = "ner_tags",
+        columns: list[str] | None = None,
+        label_names: list[str] | None = None,
+        label_all_tokens: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        _require_fast(self.tokenizer)
+        if getattr(self.tokenizer, "add_prefix_space", None) is False:
+            # Byte-level BPE (RoBERTa, GPT-2, DeBERTa) refuses pre-split words unless it adds the space itself.
+            self.tokenizer = type(self.tokenizer).from_pretrained(self.tokenizer.name_or_path, add_prefix_space=True)
+        self.tokens_column = tokens_column
+        self.label_column = label_column
+        self.columns = list(columns) if columns else None
+        self.label_names = list(label_names) if label_names else None
+        self.label_all_tokens = label_all_tokens
+        self.label2id: dict[str, int] = {}
+        self.lost_words: dict[str, tuple[int, int, int]] = {}  # split -> (sentences cut, words cut, empty words)
+
+    # ---- reading -----------------------------------------------------------------------------------------------
+    def read_local(self, split: str, paths: list[Path]) -> Any:
+        if any(s in _TABULAR for s in paths[0].suffixes):
+            return super().read_local(split, paths)
+        import datasets
+
+        rows: dict[str, list] = {}
+        for path in paths:
+            for name, values in read_conll(path, self.columns).items():
+                rows.setdefault(name, []).extend(values)
+        return datasets.Dataset.from_dict(rows)
+
+    def load_raw(self) -> dict[str, Any]:
+        raw = super().load_raw()
+        for split, data in raw.items():
+            if self.label_column in data.column_names:
+                raw[split] = self._tags_as_names(split, data)
+        return raw
+
+    def _tags_as_names(self, split: str, data: Any) -> Any:
+        """Integer tag ids (a hub ``ClassLabel`` or ids in a file) become label names."""
+        feature = getattr(data.features[self.label_column], "feature", None)
+        if feature is None or getattr(feature, "dtype", "string") == "string":
+            return data
+        names = getattr(feature, "names", None) or self.label_names
+        if not names:
+            raise UserError(
+                f"column '{self.label_column}' of the {split} split holds integer tag ids: name them in "
+                "dataset.label_names (in id order)."
+            )
+        if self.label_names is None:
+            self.label_names = list(names)
+        column = self.label_column
+
+        def to_names(batch: dict[str, list]) -> dict[str, list]:
+            try:
+                return {column: [[names[i] for i in row] for row in batch[column]]}
+            except IndexError:
+                raise UserError(
+                    f"the {split} split has a tag id beyond dataset.label_names ({len(names)} names)."
+                ) from None
+
+        import datasets
+
+        features = data.features.copy()
+        features[column] = datasets.Sequence(datasets.Value("string"))
+        return data.map(to_names, batched=True, features=features, desc=f"Naming {split} tags")
+
+    # ---- labels ------------------------------------------------------------------------------------------------
+    def fit_labels(self, train: Any) -> None:
+        seen = {tag for row in train[self.label_column] for tag in row}
+        if self.label_names is not None:
+            unknown = sorted(seen - set(self.label_names))
+            if unknown:
+                raise UserError(f"tag '{unknown[0]}' in the train split is not in dataset.label_names: add it there.")
+            names = self.label_names
+        else:
+            names = order_labels(seen)
+        if len(names) < 2:
+            raise UserError(
+                f"the train split has a single tag ({names[0] if names else 'none'}) in column "
+                f"'{self.label_column}': check dataset.label_column (or task.label_column)."
+            )
+        self.label2id = {name: i for i, name in enumerate(names)}
+
+    def _where(self, data: Any, row: int, word: int | None = None) -> str:
+        if "location" in data.column_names:  # a CoNLL file: name its file and line
+            path, line = data[row]["location"].rsplit(":", 1)
+            return f"{path}:{int(line) + (word or 0)}"
+        return f"row {row}" + (f", word {word}" if word is not None else "")
+
+    def check_split(self, split: str, data: Any) -> None:
+        tokens, tags = data[self.tokens_column], data[self.label_column]
+        for row, (words, row_tags) in enumerate(zip(tokens, tags)):
+            if len(words) != len(row_tags):
+                raise UserError(
+                    f"{self._where(data, row)} of the {split} split has {len(words)} tokens but {len(row_tags)} tags "
+                    f"in '{self.label_column}': give one tag per token."
+                )
+            for word, tag in enumerate(row_tags):
+                if tag not in self.label2id:
+                    raise UserError(
+                        f"tag '{tag}' at {self._where(data, row, word)} ({split} split) never appears in the train "
+                        f"split (known: {', '.join(self.label2id)}): add training sentences with it, list it in "
+                        "dataset.label_names, or fix the tag."
+                    )
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return {i: name for name, i in self.label2id.items()}
+
+    def model_kwargs(self) -> dict[str, Any]:
+        self._prepare()
+        return {"num_labels": len(self.label2id), "id2label": self.id2label}
+
+    # ---- preprocessing -----------------------------------------------------------------------------------------
+    def required_columns(self, split: str) -> list[str]:
+        return [self.tokens_column, self.label_column]
+
+    def preprocessing_settings(self) -> dict[str, Any]:
+        return {
+            **super().preprocessing_settings(),
+            "columns": self.required_columns("train"),
+            "label2id": sorted(self.label2id.items()),
+            "label_all_tokens": self.label_all_tokens,
+        }
+
+    def encode(self, batch: dict[str, list]) -> dict[str, list]:
+        encoding = self.tokenizer(
+            batch[self.tokens_column], is_split_into_words=True, truncation=True, max_length=self.max_length
+        )
+        inside = {i: self.label2id.get("I-" + name[2:], i) for name, i in self.label2id.items() if name[:2] == "B-"}
+        labels, word_index, word_labels = [], [], []
+        for row, tags in enumerate(batch[self.label_column]):
+            tag_ids = [self.label2id[tag] for tag in tags]
+            row_labels, row_index, previous = [], [], None
+            for word in encoding.word_ids(row):
+                if word is None:  # special tokens
+                    row_labels.append(IGNORE)
+                    row_index.append(IGNORE)
+                elif word != previous:  # a word's first sub-token
+                    row_labels.append(tag_ids[word])
+                    row_index.append(word)
+                else:
+                    row_labels.append(inside.get(tag_ids[word], tag_ids[word]) if self.label_all_tokens else IGNORE)
+                    row_index.append(IGNORE)
+                previous = word
+            labels.append(row_labels)
+            word_index.append(row_index)
+            word_labels.append(tag_ids)
+        return {**encoding, "labels": labels, "word_index": word_index, "word_labels": word_labels}
+
+    def check_encoded(self, split: str, data: Any) -> None:
+        table = data.with_format("arrow")
+        totals = pc.list_value_length(table["word_labels"]).to_pylist()
+        cut = empty = cut_sentences = 0
+        for total, row in zip(totals, table["word_index"].to_pylist()):
+            seen = [w for w in row if w >= 0]
+            last = max(seen, default=-1) + 1  # words after the last one in view were cut off by max_length
+            cut += total - last
+            cut_sentences += total > last
+            empty += last - len(seen)  # words before it with no sub-token at all (e.g. a lone control character)
+        self.lost_words[split] = (cut_sentences, cut, empty)
+        if cut:
+            log.warning(
+                "%s split: %d of %d sentences are longer than max_length=%d tokens; %d of their words were cut off. "
+                "They are predicted 'O' and still count at evaluation: raise dataset.max_length to keep them.",
+                split, cut_sentences, len(totals), self.max_length, cut,
+            )
+        if empty:
+            log.warning(
+                "%s split: %d words have no sub-token (the tokenizer drops them, e.g. control or zero-width "
+                "characters); they are predicted 'O' and still count at evaluation.", split, empty,
+            )
+
+    def collate(self, features: list[dict]) -> dict:
+        from transformers import DataCollatorForTokenClassification
+
+        if not hasattr(self, "_collator"):
+            self._collator = DataCollatorForTokenClassification(
+                self.tokenizer, pad_to_multiple_of=self.pad_to_multiple_of
+            )
+        word_index = [f.pop("word_index") for f in features]
+        word_labels = [f.pop("word_labels") for f in features]
+        batch = self._collator(features)
+        batch["word_index"] = _pad(word_index, batch["input_ids"].shape[1], self.tokenizer.padding_side)
+        batch["word_labels"] = _pad(word_labels, max(map(len, word_labels), default=0), "right")
+        return batch
+
+
+def _pad(rows: list[list[int]], length: int, side: str) -> torch.Tensor:
+    out = torch.full((len(rows), length), IGNORE, dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            if side == "left":
+                out[i, length - len(row):] = torch.tensor(row)
+            else:
+                out[i, : len(row)] = torch.tensor(row)
+    return out
+
+
+class TokenClassificationTask(TaskModule):
+    """A token-classification head on the backbone; entity-level P/R/F1 (overall and per type) and word accuracy.
+
+    Args:
+        num_labels, id2label: from ``TokenClassificationData.model_kwargs()``.
+        label_column: the data column this model tags (``ner_tags``, ``pos_tags``, ``chunk_tags``...); the dataset
+            configs read it from here, so ``task.label_column=pos_tags`` trains a POS tagger.
+    """
+
+    auto_class = AutoModelForTokenClassification
+    non_model_keys = ("word_index", "word_labels")
+
+    def __init__(
+        self, *, num_labels: int, id2label: dict[int, str], label_column: str = "ner_tags", **kwargs: Any
+    ) -> None:
+        self.id2label = {int(k): str(v) for k, v in id2label.items()}
+        self.label_column = label_column
+        self.entity_mode = is_entity_scheme(list(self.id2label.values()))
+        head = {"num_labels": num_labels, "id2label": self.id2label,
+                "label2id": {v: k for k, v in self.id2label.items()}}
+        super().__init__(model_config=head, **kwargs)
+
+    @property
+    def monitor(self) -> tuple[str, str]:
+        return ("val/f1", "max") if self.entity_mode else ("val/accuracy", "max")
+
+    def make_metrics(self, prefix: str) -> MetricCollection:
+        return MetricCollection({"scores": EntityScores(list(self.id2label.values()))}, prefix=prefix)
+
+    def word_tags(self, logits: torch.Tensor, word_index: torch.Tensor, words: Sequence[int]) -> list[list[str]]:
+        """The tag of every word, read at its first sub-token; words with no sub-token in view get ``O``."""
+        predicted = logits.argmax(-1).cpu()
+        word_index = word_index.cpu()
+        out = []
+        for row, count in enumerate(words):
+            tags = ["O"] * count
+            mask = word_index[row] >= 0
+            for word, label in zip(word_index[row][mask].tolist(), predicted[row][mask].tolist()):
+                tags[word] = self.id2label[label]
+            out.append(tags)
+        return out
+
+    def update_metrics(self, metrics: MetricCollection, outputs: Any, batch: dict) -> None:
+        gold_ids = batch["word_labels"].cpu()
+        gold = [[self.id2label[i] for i in row[row != IGNORE].tolist()] for row in gold_ids]
+        metrics.update(self.word_tags(outputs.logits, batch["word_index"], [len(g) for g in gold]), gold)
+
+    @torch.no_grad()
+    def tag(self, sentences: list[list[str]], tokenizer: Any, batch_size: int = 32, max_length: int = 512):
+        """Tag pre-split sentences with the module's model (what ``predict`` and the exported model do)."""
+        return tag_sentences(self.model, tokenizer, sentences, batch_size=batch_size, max_length=max_length)
+
+
+# ---- prediction, shared by the module, the predict command and the tests ------------------------------------------
+@torch.no_grad()
+def tag_sentences(
+    model: Any, tokenizer: Any, sentences: list[list[str]], batch_size: int = 32, max_length: int = 512
+) -> tuple[list[list[str]], int]:
+    """Tags for every word of every sentence, and how many words were beyond ``max_length`` (tagged ``O``)."""
+    _require_fast(tokenizer)
+    was_training = model.training
+    model.eval()
+    id2label = {int(k): v for k, v in model.config.id2label.items()}
+    tags, lost = [], 0
+    device = next(model.parameters()).device
+    for start in range(0, len(sentences), batch_size):
+        chunk = sentences[start:start + batch_size]
+        encoding = tokenizer(chunk, is_split_into_words=True, truncation=True, max_length=max_length,
+                             padding=True, return_tensors="pt")
+        logits = model(**{k: v.to(device) for k, v in encoding.items()}).logits
+        predicted = logits.argmax(-1).cpu().tolist()
+        for row, words in enumerate(chunk):
+            row_tags, previous = ["O"] * len(words), None
+            for position, word in enumerate(encoding.word_ids(row)):
+                if word is not None and word != previous:
+                    row_tags[word] = id2label[predicted[row][position]]
+                previous = word
+            seen = {w for w in encoding.word_ids(row) if w is not None}
+            lost += len(words) - len(seen)
+            tags.append(row_tags)
+    model.train(was_training)
+    return tags, lost
+
+
+def split_words(tokenizer: Any, text: str) -> list[tuple[str, tuple[int, int]]]:
+    """Raw text as words with character offsets, split by the tokenizer's own pre-tokenizer (as ``pipeline`` sees
+    them: BERT splits on spaces and punctuation)."""
+    _require_fast(tokenizer)
+    pre = tokenizer.backend_tokenizer.pre_tokenizer
+    spans = [span for _, span in pre.pre_tokenize_str(text)] if pre else [m.span() for m in re.finditer(r"\S+", text)]
+    words = []
+    for start, end in spans:  # byte-level pre-tokenizers include the leading space in a word's offsets
+        while start < end and text[start].isspace():
+            start += 1
+        if start < end:
+            words.append((text[start:end], (start, end)))
+    return words
+
+
+def entity_spans(tags: Sequence[str]) -> list[tuple[str, int, int]]:
+    """``(type, first word, last word)`` of every entity in a tag sequence (conlleval rules)."""
+    return get_entities(list(tags))
+
+
+# ---- predicting files --------------------------------------------------------------------------------------------
+def _entities(words: Sequence[str], tags: Sequence[str], offsets: Sequence[tuple[int, int]] | None, text: str | None):
+    out = []
+    for type_, first, last in entity_spans(tags):
+        if offsets is not None and text is not None:
+            start, end = offsets[first][0], offsets[last][1]
+            out.append({"type": type_, "text": text[start:end], "start": start, "end": end})
+        else:  # word indices, end exclusive
+            out.append({"type": type_, "text": " ".join(words[first:last + 1]), "start": first, "end": last + 1})
+    return out
+
+
+def predict_file(
+    model: Any, tokenizer: Any, source: Path, target: Path, input_format: str, output_format: str,
+    batch_size: int = 32, max_length: int = 512,
+) -> dict[str, int]:
+    """Tag every sentence of ``source`` and write ``target``.
+
+    Inputs: ``text`` (one raw sentence a line, split into words as the tokenizer does), ``conll`` (one token a line,
+    first column; other columns are kept and the prediction appended, so conlleval can read the result) or ``jsonl``
+    (a ``tokens`` list or a ``text`` string per row; other keys are kept). Outputs: ``jsonl`` (tokens, tags and
+    entities; character offsets for raw text, word indices otherwise) or ``conll`` (token, kept columns, tag).
+    """
+    from lightning_ft.data.conll import iter_sentences
+
+    records: list[dict[str, Any]] = []
+    if input_format == "conll":
+        for sentence in iter_sentences(source):
+            records.append({"tokens": [f[0] for _, f in sentence], "columns": [f[1:] for _, f in sentence]})
+    elif input_format == "jsonl":
+        with source.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise UserError(f"{source}:{number} is not JSON ({err.msg}): write one object a line.") from err
+                if not isinstance(row, dict) or not ("tokens" in row or "text" in row):
+                    raise UserError(f"{source}:{number} needs a 'tokens' list or a 'text' string.")
+                records.append({"row": row, **_words_of(tokenizer, row)})
+    else:
+        with source.open(encoding="utf-8") as handle:
+            for line in handle:
+                if line.strip():
+                    records.append({"row": {"text": line.rstrip("\r\n")}, **_words_of(tokenizer, {"text": line})})
+    if not records:
+        raise UserError(f"{source} has no sentences to tag.")
+    tags, lost = tag_sentences(model, tokenizer, [r["tokens"] for r in records], batch_size, max_length)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with target.open("w", encoding="utf-8") as out:
+        for record, sentence_tags in zip(records, tags):
+            words = record["tokens"]
+            if output_format == "conll":
+                columns = record.get("columns") or [[] for _ in words]
+                out.write("".join("\t".join([w, *c, t]) + "\n" for w, c, t in zip(words, columns, sentence_tags)))
+                out.write("\n")
+            else:
+                row = dict(record.get("row") or {"tokens": words})
+                text = row.get("text") if "offsets" in record else None
+                row.update(tokens=words, tags=sentence_tags,
+                           entities=_entities(words, sentence_tags, record.get("offsets"), text))
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return {"sentences": len(records), "words": sum(len(r["tokens"]) for r in records), "words_cut": lost}
+
+
+def _words_of(tokenizer: Any, row: dict[str, Any]) -> dict[str, Any]:
+    if "tokens" in row:
+        return {"tokens": [str(t) for t in row["tokens"]]}
+    text = str(row["text"]).rstrip("\r\n")
+    words = split_words(tokenizer, text)
+    return {"tokens": [w for w, _ in words], "offsets": [span for _, span in words]}
