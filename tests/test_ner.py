@@ -261,3 +261,24 @@ def test_tag_sentences_maps_predictions_back_to_words(tokenizer):
     words = split_words(tokenizer, "Hello, New-York!")
     assert words == [("Hello", (0, 5)), (",", (5, 6)), ("New", (7, 10)), ("-", (10, 11)), ("York", (11, 15)),
                      ("!", (15, 16))]
+
+
+def test_a_byte_level_bpe_tokenizer_gets_add_prefix_space_for_pre_split_words(tmp_path):
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import AutoTokenizer, RobertaTokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["hello world John Smith lives in New York"] * 10, vocab_size=300,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    bpe.save_model(str(tmp_path))
+    merges = [tuple(line.split()) for line in (tmp_path / "merges.txt").read_text().splitlines()[1:] if line]
+    vocab = json.loads((tmp_path / "vocab.json").read_text())
+    RobertaTokenizer(vocab=vocab, merges=merges).save_pretrained(tmp_path / "roberta")
+    plain = AutoTokenizer.from_pretrained(tmp_path / "roberta")
+    # Without a prefix space, a pre-split word is tokenized as if it were glued to the previous one.
+    assert plain(["John"], is_split_into_words=True).tokens()[1] != "\u0120John"
+    text = "John B-PER\nSmith I-PER\n\nhello O\n"
+    dm = datamodule(plain, data_dir=str(conll_dir(tmp_path / "data", text, text)))
+    assert dm.tokenizer.add_prefix_space
+    ids = dm.datasets["train"][0]["input_ids"]
+    assert dm.tokenizer.convert_ids_to_tokens(ids)[1:3] == ["\u0120John", "\u0120Smith"]
