@@ -44,6 +44,9 @@ def test_non_editable_install_ships_configs_and_samples(tmp_path):
                    check=True, capture_output=True)
     assert (site / "lightning_ft" / "conf" / "train.yaml").is_file()
     assert (site / "lightning_ft" / "samples" / "sst2" / "train.tsv").is_file()
+    assert (site / "lightning_ft" / "samples" / "wnut17" / "train.conll").is_file()
+    assert (site / "lightning_ft" / "conf" / "recipe" / "ner.yaml").is_file()
+    assert (site / "lightning_ft" / "metrics" / "entity.py").is_file()
     env = {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1"}
     show_paths = "import lightning_ft.paths as p; print(p.config_dir(), p.sample_dir())"
     where = subprocess.run([sys.executable, "-c", show_paths], cwd=tmp_path, env=env, capture_output=True,

@@ -178,6 +178,15 @@ def test_a_validation_tag_unseen_in_training_names_the_file_and_line(tmp_path, t
         datamodule(tokenizer, data_dir=str(conll_dir(tmp_path, CONLL, bad)))
 
 
+def test_unseen_tags_add_takes_evaluation_only_tags_into_the_label_set(tmp_path, tokenizer, caplog):
+    bad = CONLL.replace("BRUSSELS NNP B-NP B-LOC", "BRUSSELS NNP B-NP B-CITY")
+    with caplog.at_level(logging.WARNING):
+        dm = datamodule(tokenizer, data_dir=str(conll_dir(tmp_path, CONLL, bad)), unseen_tags="add")
+    assert list(dm.label2id)[-1] == "B-CITY" and dm.model_kwargs()["num_labels"] == len(dm.label2id)
+    assert "tag 'B-CITY' first seen at" in caplog.text and "valid.txt:14" in caplog.text
+    assert dm.datasets["validation"][2]["word_labels"] == [dm.label2id["B-CITY"]]
+
+
 def test_rows_with_a_tag_count_unlike_the_token_count_are_named(tmp_path, tokenizer):
     rows = [{"tokens": ["a", "b"], "ner_tags": ["O", "B-X"]}, {"tokens": ["c", "d"], "ner_tags": ["O"]}]
     for split in ("train", "validation"):

@@ -66,6 +66,8 @@ class TokenClassificationData(TaskDataModule):
             ``tokens pos_tags chunk_tags ner_tags`` for four (CoNLL-2003).
         label_names: the label order; null = learned from the training split (``O`` first, then by type).
         label_all_tokens: tag every sub-token of a word (``B-`` becomes ``I-`` after the first), not only the first.
+        unseen_tags: a validation/test tag the training split lacks: ``error`` (default), or ``add`` it to the label
+            set with a warning (the model never learns it, so it counts as missed; CoNLL-2003's chunk tags need it).
     """
 
     def __init__(
@@ -76,10 +78,14 @@ class TokenClassificationData(TaskDataModule):
         columns: list[str] | None = None,
         label_names: list[str] | None = None,
         label_all_tokens: bool = False,
+        unseen_tags: str = "error",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         _require_fast(self.tokenizer)
+        if unseen_tags not in ("error", "add"):
+            raise UserError(f"dataset.unseen_tags is '{unseen_tags}': use error or add.")
+        self.unseen_tags = unseen_tags
         if getattr(self.tokenizer, "add_prefix_space", None) is False:
             # Byte-level BPE (RoBERTa, GPT-2, DeBERTa) refuses pre-split words unless it adds the space itself.
             self.tokenizer = type(self.tokenizer).from_pretrained(self.tokenizer.name_or_path, add_prefix_space=True)
@@ -171,12 +177,18 @@ class TokenClassificationData(TaskDataModule):
                     f"in '{self.label_column}': give one tag per token."
                 )
             for word, tag in enumerate(row_tags):
-                if tag not in self.label2id:
-                    raise UserError(
-                        f"tag '{tag}' at {self._where(data, row, word)} ({split} split) never appears in the train "
-                        f"split (known: {', '.join(self.label2id)}): add training sentences with it, list it in "
-                        "dataset.label_names, or fix the tag."
-                    )
+                if tag in self.label2id:
+                    continue
+                if self.unseen_tags == "add" and split != "train":
+                    log.warning("tag '%s' first seen at %s (%s split) is not in the train split: added to the label "
+                                "set; the model never learns it.", tag, self._where(data, row, word), split)
+                    self.label2id[tag] = len(self.label2id)
+                    continue
+                raise UserError(
+                    f"tag '{tag}' at {self._where(data, row, word)} ({split} split) never appears in the train "
+                    f"split (known: {', '.join(self.label2id)}): add training sentences with it, list it in "
+                    "dataset.label_names, set dataset.unseen_tags=add, or fix the tag."
+                )
 
     @property
     def id2label(self) -> dict[int, str]:
