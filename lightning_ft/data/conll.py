@@ -1,5 +1,10 @@
 """A reader for CoNLL-style column files: one token per line, blank lines between sentences, ``-DOCSTART-`` lines
-between documents (CoNLL-2003, WNUT-17, most NER/POS/chunking corpora). ``datasets`` has no builder for them."""
+between documents (CoNLL-2003, WNUT-17, most NER/POS/chunking corpora).
+
+Our own rather than ``datasets``' ``conll`` builder: that one pads or cuts a line with the wrong number of columns
+without a word (a shifted tag column trains silently on garbage) and cannot say which file and line is wrong; this
+one refuses such a line by file and line, and records where each sentence starts for later errors.
+"""
 
 from __future__ import annotations
 
