@@ -123,7 +123,9 @@ def _print_summary(results: dict[str, Any], run_dir: Path) -> None:
         table.add_row(f"best {results['monitor']}", f"{results['best_score']:.4f}")
     console.print(table)
     for stage, groups in grouped.items():
-        columns = sorted({c for values in groups.values() for c in values})
+        order = ["precision", "recall", "f1", "support"]
+        columns = sorted({c for values in groups.values() for c in values}, key=lambda c: (c not in order,
+                         order.index(c) if c in order else 0, c))
         per_group = Table(title=f"{stage} per type")
         per_group.add_column("type")
         for column in columns:

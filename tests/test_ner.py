@@ -217,7 +217,7 @@ def test_an_empty_split_file_is_named(tmp_path, tokenizer):
 
 
 # ---- training runs -----------------------------------------------------------------------------------------------
-def test_ner_on_the_embedded_sample_reports_entity_scores_per_type_and_exports(tmp_path):
+def test_ner_on_the_embedded_sample_reports_entity_scores_per_type_and_exports(tmp_path, capsys):
     from transformers import AutoModelForTokenClassification, AutoTokenizer, pipeline
 
     cfg = compose_config(["task=ner", *QUICK], tmp_path)
@@ -225,6 +225,8 @@ def test_ner_on_the_embedded_sample_reports_entity_scores_per_type_and_exports(t
     train(cfg)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["monitor"] == "val/f1"
+    printed = capsys.readouterr().out
+    assert "test per type" in printed and "creative-work" in printed and "precision" in printed
     for name in ("f1", "precision", "recall", "accuracy", "person/f1", "creative-work/support"):
         assert f"test/{name}" in metrics["test"]
     # debug=limit tests 2 batches of 64 sentences: every gold person entity in them counts, none is lost.
