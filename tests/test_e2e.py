@@ -63,7 +63,8 @@ def test_ner_with_minilm_learns_conll_entities_and_its_export_tags_like_the_modu
     from transformers import AutoTokenizer, pipeline
 
     from lightning_ft.data.conll import read_conll
-    from lightning_ft.tasks.ner import TokenClassificationTask, entity_spans, split_words
+    from lightning_ft.metrics.entity import get_entities
+    from lightning_ft.tasks.ner import TokenClassificationTask, split_words
 
     conll = ROOT.parent / "shared" / "data" / "conll2003"
     result = run_cli(["task=ner", "dataset=conll2003", f"dataset.data_dir={conll}", "dataset.label_all_tokens=true",
@@ -81,7 +82,7 @@ def test_ner_with_minilm_learns_conll_entities_and_its_export_tags_like_the_modu
     tokenizer = AutoTokenizer.from_pretrained(run / "hf_model")
     words = [split_words(tokenizer, text) for text in texts]
     tags, _ = module.tag([[w for w, _ in ws] for ws in words], tokenizer)
-    ours = [{(t, ws[a][1][0], ws[b][1][1]) for t, a, b in entity_spans(tg)} for ws, tg in zip(words, tags)]
+    ours = [{(t, ws[a][1][0], ws[b][1][1]) for t, a, b in get_entities(tg)} for ws, tg in zip(words, tags)]
     assert sum(map(len, ours)) > 200
 
     def pipeline_spans(strategy: str) -> list[set]:

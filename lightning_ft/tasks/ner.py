@@ -45,6 +45,25 @@ def order_labels(labels: set[str]) -> list[str]:
     return sorted(labels, key=key)
 
 
+def first_subtoken_index(word_ids: Sequence[int | None]) -> list[int]:
+    """Per token, the word whose first sub-token it is, else ``IGNORE`` (special tokens, later sub-tokens)."""
+    index, previous = [], None
+    for word in word_ids:
+        index.append(word if word is not None and word != previous else IGNORE)
+        previous = word
+    return index
+
+
+def read_word_tags(predicted: Sequence[int], index: Sequence[int], words: int, id2label: dict[int, str]) -> list[str]:
+    """Every word's tag, read at its first sub-token (``index`` as ``first_subtoken_index`` gives it); a word with
+    no sub-token in view (cut off by ``max_length``, or tokenized into nothing) gets ``O``."""
+    tags = ["O"] * words
+    for label, word in zip(predicted, index):
+        if word >= 0:
+            tags[word] = id2label[label]
+    return tags
+
+
 def _require_fast(tokenizer: Any) -> None:
     if not getattr(tokenizer, "is_fast", False):
         raise UserError(
@@ -218,18 +237,16 @@ class TokenClassificationData(TaskDataModule):
         labels, word_index, word_labels = [], [], []
         for row, tags in enumerate(batch[self.label_column]):
             tag_ids = [self.label2id[tag] for tag in tags]
-            row_labels, row_index, previous = [], [], None
-            for word in encoding.word_ids(row):
+            word_ids = encoding.word_ids(row)
+            row_index = first_subtoken_index(word_ids)
+            row_labels = []
+            for word, first in zip(word_ids, row_index):
                 if word is None:  # special tokens
                     row_labels.append(IGNORE)
-                    row_index.append(IGNORE)
-                elif word != previous:  # a word's first sub-token
+                elif first >= 0:
                     row_labels.append(tag_ids[word])
-                    row_index.append(word)
-                else:
+                else:  # a later sub-token of the word
                     row_labels.append(inside.get(tag_ids[word], tag_ids[word]) if self.label_all_tokens else IGNORE)
-                    row_index.append(IGNORE)
-                previous = word
             labels.append(row_labels)
             word_index.append(row_index)
             word_labels.append(tag_ids)
@@ -313,27 +330,15 @@ class TokenClassificationTask(TaskModule):
     def make_metrics(self, prefix: str) -> MetricCollection:
         return MetricCollection({"scores": EntityScores(list(self.id2label.values()))}, prefix=prefix)
 
-    def word_tags(self, logits: torch.Tensor, word_index: torch.Tensor, words: Sequence[int]) -> list[list[str]]:
-        """The tag of every word, read at its first sub-token; words with no sub-token in view get ``O``."""
-        predicted = logits.argmax(-1).cpu()
-        word_index = word_index.cpu()
-        out = []
-        for row, count in enumerate(words):
-            tags = ["O"] * count
-            mask = word_index[row] >= 0
-            for word, label in zip(word_index[row][mask].tolist(), predicted[row][mask].tolist()):
-                tags[word] = self.id2label[label]
-            out.append(tags)
-        return out
-
     def update_metrics(self, metrics: MetricCollection, outputs: Any, batch: dict) -> None:
         gold_ids = batch["word_labels"].cpu()
         gold = [[self.id2label[i] for i in row[row != IGNORE].tolist()] for row in gold_ids]
-        metrics.update(self.word_tags(outputs.logits, batch["word_index"], [len(g) for g in gold]), gold)
+        predicted = outputs.logits.argmax(-1).cpu().tolist()
+        index = batch["word_index"].cpu().tolist()
+        metrics.update([read_word_tags(p, i, len(g), self.id2label) for p, i, g in zip(predicted, index, gold)], gold)
 
-    @torch.no_grad()
     def tag(self, sentences: list[list[str]], tokenizer: Any, batch_size: int = 32, max_length: int = 512):
-        """Tag pre-split sentences with the module's model (what ``predict`` and the exported model do)."""
+        """Tag pre-split sentences with the module's model, as ``predict`` does with the exported one."""
         return tag_sentences(self.model, tokenizer, sentences, batch_size=batch_size, max_length=max_length)
 
 
@@ -356,14 +361,9 @@ def tag_sentences(
         logits = model(**{k: v.to(device) for k, v in encoding.items()}).logits
         predicted = logits.argmax(-1).cpu().tolist()
         for row, words in enumerate(chunk):
-            row_tags, previous = ["O"] * len(words), None
-            for position, word in enumerate(encoding.word_ids(row)):
-                if word is not None and word != previous:
-                    row_tags[word] = id2label[predicted[row][position]]
-                previous = word
-            seen = {w for w in encoding.word_ids(row) if w is not None}
-            lost += len(words) - len(seen)
-            tags.append(row_tags)
+            index = first_subtoken_index(encoding.word_ids(row))
+            tags.append(read_word_tags(predicted[row], index, len(words), id2label))
+            lost += len(words) - sum(word >= 0 for word in index)
     model.train(was_training)
     return tags, lost
 
@@ -383,15 +383,10 @@ def split_words(tokenizer: Any, text: str) -> list[tuple[str, tuple[int, int]]]:
     return words
 
 
-def entity_spans(tags: Sequence[str]) -> list[tuple[str, int, int]]:
-    """``(type, first word, last word)`` of every entity in a tag sequence (conlleval rules)."""
-    return get_entities(list(tags))
-
-
 # ---- predicting files --------------------------------------------------------------------------------------------
 def _entities(words: Sequence[str], tags: Sequence[str], offsets: Sequence[tuple[int, int]] | None, text: str | None):
     out = []
-    for type_, first, last in entity_spans(tags):
+    for type_, first, last in get_entities(tags):
         if offsets is not None and text is not None:
             start, end = offsets[first][0], offsets[last][1]
             out.append({"type": type_, "text": text[start:end], "start": start, "end": end})
