@@ -17,48 +17,28 @@ import os
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from common import MINILM, ROOT, environment, lightning_ft_module  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sst2_vs_hf_trainer import environment  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "conll2003"
-MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 LR, BATCH, MAX_LEN = 5e-5, 32, 128
 
 
 def run_lightning_ft(epochs: int, seed: int, train_limit: int | None) -> dict:
     import pytorch_lightning as pl
-    from hydra import compose, initialize_config_dir
-    from hydra.utils import instantiate
 
-    from lightning_ft.backbones import load_tokenizer
-    from lightning_ft.config import register_resolvers
-    from lightning_ft.paths import config_dir
-    from lightning_ft.train import build_task
-
-    register_resolvers()
     overrides = [
         "task=ner", "dataset=conll2003", f"dataset.data_dir={DATA}", f"dataset.batch_size={BATCH}",
         f"dataset.max_length={MAX_LEN}", f"optim.lr={LR}", "optim.weight_decay=0.0", "scheduler.warmup_ratio=0.0",
-        f"seed={seed}", "run_dir=unused",
     ]
     if train_limit:
         overrides.append(f"+dataset.max_train_examples={train_limit}")
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
-    pl.seed_everything(seed, workers=True)
-    tokenizer = load_tokenizer(**cfg.backbone)
-    datamodule = instantiate(cfg.dataset, tokenizer=tokenizer, seed=seed, _convert_="all")
-    datamodule.prepare_data()
-    module = build_task(cfg, datamodule)
+    module, datamodule = lightning_ft_module(overrides, seed)
 
     class Timer(pl.Callback):
         seconds, samples = 0.0, 0

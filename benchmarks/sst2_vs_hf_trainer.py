@@ -13,9 +13,7 @@ import argparse
 import datetime
 import functools
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,37 +24,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from common import MINILM, ROOT, environment, lightning_ft_module  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "glue_sst2"
-MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 LR, BATCH, MAX_LEN, WEIGHT_DECAY = 5e-5, 32, 128, 0.01
 
 
 def run_lightning_ft(steps: int, train_examples: int, precision: str, seed: int, grouped: bool = False) -> dict:
     import pytorch_lightning as pl
-    from hydra import compose, initialize_config_dir
-    from hydra.utils import instantiate
 
-    from lightning_ft.backbones import load_tokenizer
-    from lightning_ft.config import register_resolvers
-    from lightning_ft.paths import config_dir
-    from lightning_ft.train import build_task
-
-    register_resolvers()
     overrides = [
         "dataset=sst2", f"dataset.data_dir={DATA}", f"+dataset.max_train_examples={train_examples}",
         f"dataset.batch_size={BATCH}", f"dataset.max_length={MAX_LEN}", f"optim.lr={LR}",
-        f"optim.weight_decay={WEIGHT_DECAY}", "scheduler.warmup_ratio=0.0", f"seed={seed}", "run_dir=unused",
-        f"dataset.group_by_length={grouped}",
+        f"optim.weight_decay={WEIGHT_DECAY}", "scheduler.warmup_ratio=0.0", f"dataset.group_by_length={grouped}",
     ]
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
-    pl.seed_everything(seed, workers=True)
-    tokenizer = load_tokenizer(**cfg.backbone)
-    datamodule = instantiate(cfg.dataset, tokenizer=tokenizer, seed=seed, _convert_="all")
-    datamodule.prepare_data()
-    module = build_task(cfg, datamodule)
+    module, datamodule = lightning_ft_module(overrides, seed)
 
     class Timer(pl.Callback):
         """Wall time from train start to train end, and the tokens that entered the model."""
@@ -149,25 +131,6 @@ def run_hf_trainer(steps: int, train_examples: int, precision: str, seed: int) -
         predictions = trainer.predict(dev)
     accuracy = float((np.argmax(predictions.predictions, -1) == predictions.label_ids).mean())
     return {"seconds": timer.seconds, "samples": steps * BATCH, **timer.counts, "accuracy": accuracy}
-
-
-def environment() -> str:
-    import datasets
-    import pytorch_lightning
-    import transformers
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip()
-    except OSError:
-        commit = "unknown"
-    versions = ", ".join(f"{name} {version}" for name, version in [
-        ("Python", platform.python_version()), ("torch", torch.__version__),
-        ("pytorch-lightning", pytorch_lightning.__version__), ("transformers", transformers.__version__),
-        ("datasets", datasets.__version__)])
-    return f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; {versions}; lightning_ft {commit}"
 
 
 def main() -> None:
