@@ -1,7 +1,9 @@
 """Predictions for files with a trained model: ``python -m lightning_ft.predict MODEL INPUT OUTPUT``.
 
 MODEL is an exported Hugging Face directory (a run's ``hf_model``) or the run directory itself. The task comes from
-the model's architecture. Token classification reads raw text (``.txt``: a sentence a line), CoNLL column files
+the model's architecture. Sentence-embedding models (task=similarity, or any sentence-transformers directory) read
+texts (``.txt`` a line each, or a column of ``.jsonl``/``.csv``/``.tsv``) and write ``.npy`` or ``.jsonl`` embeddings.
+Token classification reads raw text (``.txt``: a sentence a line), CoNLL column files
 (``.conll``, ``.iob``, ``.bio``, ``.tsv``...) or jsonl (``tokens`` or ``text``), and writes jsonl (with entities) or
 CoNLL columns (token, input columns, predicted tag).
 """
@@ -29,11 +31,14 @@ def _formats(source: Path, target: Path, input_format: str, output_format: str) 
     return input_format, output_format
 
 
-def load_exported(model_dir: str | Path):
-    """The model and tokenizer of an exported directory (or of ``<run dir>/hf_model``)."""
-    from transformers import AutoConfig, AutoModelForTokenClassification, AutoTokenizer
+def exported_model(model_dir: str | Path) -> tuple[str, Path]:
+    """What an exported directory (or ``<run dir>/hf_model``, or a sentence-transformers model) holds, and where:
+    ``token_classification`` or ``embedding``."""
+    from transformers import AutoConfig
 
-    path = Path(model_dir).expanduser()
+    from lightning_ft.backbones import resolve_name
+
+    path = Path(resolve_name(str(model_dir)))
     if (path / "hf_model" / "config.json").is_file():
         path = path / "hf_model"
     if not (path / "config.json").is_file():
@@ -42,12 +47,14 @@ def load_exported(model_dir: str | Path):
             "directory, or the run directory."
         )
     architectures = AutoConfig.from_pretrained(path).architectures or []
-    if not any(a.endswith("ForTokenClassification") for a in architectures):
-        raise UserError(
-            f"'{path}' holds a {', '.join(architectures) or 'model of unknown architecture'}; predict handles token "
-            "classification models (task=ner) so far."
-        )
-    return AutoModelForTokenClassification.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    if any(a.endswith("ForTokenClassification") for a in architectures):
+        return "token_classification", path
+    if (path / "modules.json").is_file():
+        return "embedding", path
+    raise UserError(
+        f"'{path}' holds a {', '.join(architectures) or 'model of unknown architecture'}; predict handles token "
+        "classification (task=ner) and sentence-embedding (task=similarity) models so far."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-format", choices=["auto", "jsonl", "conll"], default="auto")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=512, help="sub-tokens per sentence; words beyond are 'O'")
+    parser.add_argument("--column", help="embedding models: the text column of a jsonl/csv/tsv input (default: text)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -66,9 +74,19 @@ def main(argv: list[str] | None = None) -> int:
         source, target = Path(args.input), Path(args.output)
         if not source.is_file():
             raise UserError(f"input '{args.input}' does not exist (resolved to {source.resolve()}): fix the path.")
-        model, tokenizer = load_exported(args.model)
+        kind, model_dir = exported_model(args.model)
+        if kind == "embedding":
+            from lightning_ft.tasks.similarity import SentenceEncoder, embed_file
+
+            count = embed_file(SentenceEncoder.from_directory(model_dir), source, target, args.column, args.batch_size)
+            log.info("embedded %d texts from %s into %s", count, source, target)
+            return 0
+        from transformers import AutoModelForTokenClassification, AutoTokenizer
+
         from lightning_ft.tasks.ner import predict_file
 
+        model = AutoModelForTokenClassification.from_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
         input_format, output_format = _formats(source, target, args.input_format, args.output_format)
         counts = predict_file(model, tokenizer, source, target, input_format, output_format,
                               args.batch_size, args.max_length)

@@ -78,6 +78,10 @@ def train(cfg: DictConfig) -> float | None:
     # The callback keeping the best checkpoint by the monitored metric (not the one keeping last.ckpt).
     checkpoint = next((cb for cb in trainer.checkpoint_callbacks if cb.monitor == cfg.monitor), None)
 
+    results: dict[str, Any] = {"monitor": cfg.monitor}
+    if cfg.train and cfg.get("validate_before") and not cfg.ckpt_path:
+        before = trainer.validate(module, datamodule=datamodule)[0]
+        results["before_training"] = {k: float(v) for k, v in before.items()}
     if cfg.train:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     best_path = checkpoint.best_model_path if checkpoint and checkpoint.best_model_path else None
@@ -85,7 +89,7 @@ def train(cfg: DictConfig) -> float | None:
     if weights:  # test and export the best weights, not the last ones
         module.load_state_dict(torch.load(weights, map_location="cpu", weights_only=False)["state_dict"])
 
-    results: dict[str, Any] = {"monitor": cfg.monitor, "best_model_path": best_path}
+    results["best_model_path"] = best_path
     if cfg.train:
         best_score = checkpoint.best_model_score if checkpoint else None
         results["best_score"] = float(best_score) if best_score is not None else None
@@ -110,6 +114,9 @@ def _print_summary(results: dict[str, Any], run_dir: Path) -> None:
     table = Table(title=f"lightning_ft results ({run_dir})")
     table.add_column("metric")
     table.add_column("value", justify="right")
+    before = results.get("before_training", {})
+    if before:
+        table.add_column("before training", justify="right")
     # Metrics named stage/group/name (e.g. test/PER/f1, one per entity type) get a table of their own.
     grouped: dict[str, dict[str, dict[str, float]]] = {}
     for section in ("validation", "test"):
@@ -118,7 +125,7 @@ def _print_summary(results: dict[str, Any], run_dir: Path) -> None:
             if len(parts) == 3:
                 grouped.setdefault(parts[0], {}).setdefault(parts[1], {})[parts[2]] = value
             else:
-                table.add_row(name, f"{value:.4f}")
+                table.add_row(name, f"{value:.4f}", *([f"{before[name]:.4f}" if name in before else ""] * bool(before)))
     if results.get("best_score") is not None:
         table.add_row(f"best {results['monitor']}", f"{results['best_score']:.4f}")
     console.print(table)

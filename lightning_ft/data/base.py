@@ -64,6 +64,10 @@ class TaskDataModule(pl.LightningDataModule):
     the tokenizer and the preprocessing settings: a second identical run, or another DDP rank, reads the cache.
     """
 
+    # Write each row's position in its split as ``row_index``: metrics that must count an example once under DDP
+    # (where the sampler repeats rows to even out the ranks) read it.
+    keep_row_index: bool = False
+
     def __init__(
         self,
         *,
@@ -282,6 +286,7 @@ class TaskDataModule(pl.LightningDataModule):
             self.datasets[split] = data.map(
                 self._encode_counted,
                 batched=True,
+                with_indices=True,
                 remove_columns=data.column_names,
                 new_fingerprint=key,
                 desc=f"Tokenizing {split}",
@@ -294,8 +299,10 @@ class TaskDataModule(pl.LightningDataModule):
                     count, len(raw[split]), split, self.max_length,
                 )
 
-    def _encode_counted(self, batch: dict[str, list]) -> dict[str, list]:
+    def _encode_counted(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         out = self.encode(batch)
+        if self.keep_row_index:
+            out["row_index"] = list(indices)
         self.examples_tokenized += len(next(iter(batch.values())))
         return out
 
