@@ -184,10 +184,24 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
 
 
-def _gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    import torch.distributed.nn.functional as dist_fn
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sends each rank the summed gradient of its own slice. (torch's
+    ``torch.distributed.nn.functional.all_gather`` does the same but is deprecated since torch 2.13 and warns at
+    every step.)"""
 
-    return torch.cat(dist_fn.all_gather(tensor), dim=0)
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(tensor) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        torch.distributed.all_reduce(grad)
+        size = grad.shape[0] // torch.distributed.get_world_size()
+        start = torch.distributed.get_rank() * size
+        return grad[start : start + size]
 
 
 def contrastive_loss(
@@ -206,7 +220,7 @@ def contrastive_loss(
     candidates = [positives] if negatives is None else [positives, negatives]
     offset = 0
     if gather and torch.distributed.is_available() and torch.distributed.is_initialized():
-        candidates = [_gather_with_grad(c) for c in candidates]
+        candidates = [_GatherWithGrad.apply(c) for c in candidates]
         offset = torch.distributed.get_rank() * len(anchors)
     scores = F.normalize(anchors, dim=-1) @ F.normalize(torch.cat(candidates), dim=-1).T / temperature
     targets = torch.arange(offset, offset + len(anchors), device=anchors.device)
@@ -375,9 +389,12 @@ class SentenceEncoder:
 
     @classmethod
     def from_directory(cls, name: str | Path) -> SentenceEncoder:
+        """From an exported directory, a run directory, or a sentence-transformers directory or hub name."""
         from lightning_ft.backbones import load_tokenizer
 
         root = Path(resolve_name(str(name)))
+        if (root / "hf_model" / "config.json").is_file():  # a run directory
+            root = root / "hf_model"
         modules = json.loads((root / "modules.json").read_text()) if (root / "modules.json").is_file() else []
         normalize = any(m.get("type", "").endswith("Normalize") for m in modules)
         settings = root / "sentence_bert_config.json"
