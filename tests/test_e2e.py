@@ -47,6 +47,8 @@ def test_non_editable_install_ships_configs_and_samples(tmp_path):
     assert (site / "lightning_ft" / "samples" / "wnut17" / "train.conll").is_file()
     assert (site / "lightning_ft" / "conf" / "recipe" / "ner.yaml").is_file()
     assert (site / "lightning_ft" / "metrics" / "entity.py").is_file()
+    assert (site / "lightning_ft" / "search.py").is_file()
+    assert (site / "lightning_ft" / "conf" / "recipe" / "similarity.yaml").is_file()
     env = {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1"}
     show_paths = "import lightning_ft.paths as p; print(p.config_dir(), p.sample_dir())"
     where = subprocess.run([sys.executable, "-c", show_paths], cwd=tmp_path, env=env, capture_output=True,

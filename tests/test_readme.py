@@ -5,7 +5,10 @@ import shlex
 
 import pytest
 from cli import run_cli
-from conftest import QUICK, ROOT, compose_config, write_tsv
+from conftest import MINILM, QUICK, ROOT, compose_config, write_tsv
+
+from lightning_ft.backbones import load_tokenizer
+from lightning_ft.tasks.similarity import SimilarityTask
 
 README = (ROOT / "README.md").read_text()
 SHARED = ROOT.parent / "shared" / "data"
@@ -27,7 +30,28 @@ def placeholders(tmp_path_factory, tiny_pretrained):
     rows = [[f"review number {i} {'great' if i % 2 else 'awful'}", "good" if i % 2 else "bad"] for i in range(60)]
     write_tsv(data / "train.tsv", ["review", "stars"], rows[:40])
     write_tsv(data / "dev.tsv", ["review", "stars"], rows[40:])
-    return {"<your data dir>": str(data), "<model dir>": tiny_pretrained, "<exported dir>": tiny_pretrained}
+    pairs = tmp_path_factory.mktemp("user_pairs")
+    topics = ["a cat sleeps", "stocks fell", "the team won", "rain is expected", "a phone was released"]
+    rows = [[f"{t} ({i})", f"news: {t}, item {i}", f"{topics[(k + 2) % 5]} again"] for i in range(10)
+            for k, t in enumerate(topics)]
+    write_tsv(pairs / "train.tsv", ["anchor", "positive", "negative"], rows[:40])
+    write_tsv(pairs / "validation.tsv", ["anchor", "positive", "negative"], rows[40:])
+    similarity = tmp_path_factory.mktemp("similarity_export")
+    tiny = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
+    module = SimilarityTask(backbone={"name": MINILM, "pretrained": False, "config_overrides": tiny})
+    module.export(similarity, load_tokenizer(MINILM))
+    return {"<your data dir>": str(data), "<model dir>": tiny_pretrained, "<exported dir>": tiny_pretrained,
+            "<your pairs dir>": str(pairs), "<exported similarity dir>": str(similarity)}
+
+
+@pytest.fixture(scope="module")
+def similarity_run(tmp_path_factory) -> str:
+    """A run directory of a tiny bi-encoder, for the README's search and embed commands."""
+    from lightning_ft.train import train
+
+    run = tmp_path_factory.mktemp("similarity_run")
+    train(compose_config(["task=similarity", *QUICK, "test=false"], run))
+    return str(run)
 
 
 @pytest.fixture(scope="module")
@@ -88,10 +112,13 @@ def test_readme_python_snippet_runs(placeholders):
 
 
 @pytest.mark.parametrize("command", [c for c in commands() if "lightning_ft.predict" in c])
-def test_readme_predict_command_runs(command, tmp_path, ner_run):
+def test_readme_predict_command_runs(command, tmp_path, request):
     (tmp_path / "sentences.txt").write_text("Empire State Building is in New York\nHello there, Bob\n")
     (tmp_path / "tokens.conll").write_text("Empire\tB-location\nState\tI-location\n\nBob\tB-person\n")
-    args = shlex.split(command.replace("<run dir>", shlex.quote(ner_run)))
+    for placeholder, fixture in [("<run dir>", "ner_run"), ("<similarity run dir>", "similarity_run")]:
+        if placeholder in command:
+            command = command.replace(placeholder, shlex.quote(request.getfixturevalue(fixture)))
+    args = shlex.split(command)
     assert "<" not in " ".join(args), f"unknown placeholder in README command: {command}"
     result = run_cli(args[3:], tmp_path, module="lightning_ft.predict")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -99,8 +126,17 @@ def test_readme_predict_command_runs(command, tmp_path, ner_run):
     assert output.is_file() and output.read_text().strip()
 
 
+@pytest.mark.parametrize("command", [c for c in commands() if "lightning_ft.search" in c])
+def test_readme_search_command_runs(command, tmp_path, similarity_run):
+    args = shlex.split(command.replace("<similarity run dir>", shlex.quote(similarity_run)))
+    assert "<" not in " ".join(args), f"unknown placeholder in README command: {command}"
+    result = run_cli(args[3:], tmp_path, module="lightning_ft.search")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"nearest to: {args[4]}" in result.stdout
+
+
 def test_every_readme_command_is_exercised():
     handled = {"bash scripts/setup.sh && python -m lightning_ft.train", "python -m pytest"}
     for command in commands():
-        assert command in handled or command.startswith(("python -m lightning_ft.train",
-                                                         "python -m lightning_ft.predict")), command
+        entry_points = tuple(f"python -m lightning_ft.{name}" for name in ("train", "predict", "search"))
+        assert command in handled or command.startswith(entry_points), command

@@ -170,13 +170,14 @@ def _datamodule(tmp_path, overrides):
 
 def test_the_sample_is_scored_and_pair_files_are_pairs(tmp_path):
     data = _datamodule(tmp_path / "a", [])
-    assert data.model_kwargs() == {"loss": "cosine", "scored_eval": {"val": True, "test": True}, "max_seq_length": 128}
+    assert data.model_kwargs() == {"scored_eval": {"val": True, "test": True}, "max_seq_length": 128}
+    assert data.scored == {"train": True, "validation": True, "test": True}
     first = data.datasets["train"][0]
     assert 0.0 <= first["labels"] <= 1.0 and "pair_input_ids" in first and "negative_input_ids" not in first
     pairs = _datamodule(tmp_path / "b", [f"dataset.data_dir={_pairs(tmp_path)}", "dataset.text_column=anchor",
                                          "dataset.text_pair_column=positive", "dataset.negative_column=negative",
                                          "dataset.score_column=null"])
-    assert pairs.model_kwargs()["loss"] == "contrastive"
+    assert pairs.scored == {"train": False, "validation": False}
     assert pairs.model_kwargs()["scored_eval"] == {"val": False, "test": False}
     batch = pairs.collate([pairs.datasets["train"][i] for i in range(4)])
     assert set(batch) == {"input_ids", "attention_mask", "pair_input_ids", "pair_attention_mask",

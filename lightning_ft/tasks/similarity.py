@@ -34,7 +34,6 @@ from lightning_ft.tasks.base import TaskModule
 log = logging.getLogger(__name__)
 
 POOLINGS = ("mean", "cls", "max")
-LOSSES = ("cosine", "contrastive")
 TEXT_GROUPS = ("", "pair_", "negative_")  # key prefixes of the anchor, its pair and the optional hard negative
 
 
@@ -121,10 +120,9 @@ class SimilarityData(TaskDataModule):
                 )
 
     def model_kwargs(self) -> dict[str, Any]:
-        """Which loss the training split calls for, and which evaluation each split gets."""
+        """Which evaluation each split gets (and the length limit the export records)."""
         self._prepare()
         return {
-            "loss": "cosine" if self.scored["train"] else "contrastive",
             "scored_eval": {stage: self.scored.get(split, False) for stage, split in (("val", "validation"),
                                                                                        ("test", "test"))},
             "max_seq_length": self.max_length,
@@ -252,11 +250,12 @@ def pooling_of(backbone_name: str | None) -> str | None:
 
 # ---- the module ----------------------------------------------------------------------------------------------------
 class SimilarityTask(TaskModule):
-    """A bi-encoder: backbone + pooling (+ L2 normalisation), trained with the cosine or the contrastive loss.
+    """A bi-encoder: backbone + pooling (+ L2 normalisation), trained with the cosine loss on scored pairs and the
+    contrastive loss on unscored ones.
 
     Args:
-        loss: ``cosine`` (scored pairs) or ``contrastive`` (pairs); from ``SimilarityData.model_kwargs()``.
-        scored_eval: per stage (``val``, ``test``), whether its split has scores (correlation) or not (retrieval).
+        scored_eval: per stage (``val``, ``test``), whether its split has scores (correlation) or not (retrieval);
+            from ``SimilarityData.model_kwargs()``. The loss follows each batch: scores -> cosine, none -> contrastive.
         pooling: ``mean``, ``cls`` or ``max``; null takes the backbone's own (a sentence-transformers directory), or
             ``mean``.
         normalize: L2-normalise the embeddings (what cosine similarity sees is the same either way; the exported
@@ -273,7 +272,6 @@ class SimilarityTask(TaskModule):
     def __init__(
         self,
         *,
-        loss: str = "cosine",
         scored_eval: dict[str, bool] | None = None,
         pooling: str | None = None,
         normalize: bool = True,
@@ -283,14 +281,11 @@ class SimilarityTask(TaskModule):
         max_seq_length: int = 128,
         **kwargs: Any,
     ) -> None:
-        if loss not in LOSSES:
-            raise UserError(f"task.loss '{loss}' is not one of {', '.join(LOSSES)}.")
         pooling = pooling or pooling_of(kwargs.get("backbone", {}).get("name")) or "mean"
         if pooling not in POOLINGS:
             raise UserError(f"task.pooling '{pooling}' is not one of {', '.join(POOLINGS)}.")
         if temperature <= 0:
             raise UserError(f"task.temperature must be positive (got {temperature}).")
-        self.loss_name = loss
         self.scored_eval = dict(scored_eval or {"val": True, "test": True})
         self.pooling = pooling
         self.normalize = normalize
