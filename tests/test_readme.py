@@ -123,7 +123,7 @@ def test_readme_predict_command_runs(command, tmp_path, request):
     result = run_cli(args[3:], tmp_path, module="lightning_ft.predict")
     assert result.returncode == 0, result.stderr[-3000:]
     output = tmp_path / args[-1]
-    assert output.is_file() and output.read_text().strip()
+    assert output.is_file() and output.stat().st_size > 0
 
 
 @pytest.mark.parametrize("command", [c for c in commands() if "lightning_ft.search" in c])

@@ -221,7 +221,7 @@ def test_the_sample_run_reports_spearman_before_and_after_training(sample_run):
     assert metrics["monitor"] == "val/spearman"
     before, after = metrics["before_training"], metrics["validation"]
     assert set(before) == set(after) == {"val/loss", "val/spearman", "val/pearson"}
-    assert before["val/spearman"] != after["val/spearman"]  # the weights changed in between
+    assert before["val/loss"] != after["val/loss"]  # the weights changed in between (ranks may not, in 10 steps)
     assert {"test/spearman", "test/pearson"} <= set(metrics["test"])
 
 
