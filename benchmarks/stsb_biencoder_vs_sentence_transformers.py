@@ -137,6 +137,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1, help="alternating runs of each side (median throughput)")
     parser.add_argument("--train-limit", type=int, default=None, help="first N training pairs (a quick check)")
+    parser.add_argument("--no-ungrouped", action="store_true", help="skip lightning_ft with group_by_length=false")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -151,6 +152,8 @@ def main() -> None:
         "lightning_ft (shipped config: group_by_length=true)": lambda limit, epochs: run_lightning_ft(
             epochs, args.seed, limit, True),
     }
+    if args.no_ungrouped:
+        del sides["lightning_ft, group_by_length=false"]
     for side in sides.values():  # untimed: the first run in a process pays one-time costs
         side(64, 1)
     runs: dict[str, list[dict]] = {name: [] for name in sides}
