@@ -51,3 +51,67 @@ def environment() -> str:
         ("pytorch-lightning", pytorch_lightning.__version__), ("transformers", transformers.__version__),
         ("datasets", datasets.__version__)])
     return f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; {versions}; lightning_ft {commit}"
+
+
+def lightning_timer():
+    """A Lightning callback timing train start to train end, counting the samples and (real) tokens it saw."""
+    import time
+
+    import pytorch_lightning as pl
+
+    class Timer(pl.Callback):
+        seconds, samples, tokens, real_tokens = 0.0, 0, 0, 0
+
+        def on_train_start(self, trainer, pl_module):
+            self.start = time.perf_counter()
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.samples += len(batch["input_ids"])
+            self.tokens += batch["input_ids"].numel()
+            self.real_tokens += int(batch["attention_mask"].sum())
+
+        def on_train_end(self, trainer, pl_module):
+            self.seconds = time.perf_counter() - self.start
+
+    return Timer()
+
+
+def timed_trainer(timer, **settings):
+    """The Lightning Trainer every benchmark trains with: CPU, clipping at 1.0, no evaluation, logging or
+    checkpoints inside the timed fit (``settings`` adds or changes Trainer arguments, e.g. max_epochs)."""
+    import pytorch_lightning as pl
+
+    return pl.Trainer(**{
+        "accelerator": "cpu", "devices": 1, "gradient_clip_val": 1.0, "limit_val_batches": 0,
+        "num_sanity_val_steps": 0, "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
+        "enable_model_summary": False, "callbacks": [timer], **settings,
+    })
+
+
+def hf_timer(counts: dict | None = None):
+    """A transformers TrainerCallback timing train begin to train end. ``counts`` (filled by the caller's collator)
+    is zeroed when training begins and copied to ``timer.counts`` when it ends, so warm-up work is not counted."""
+    import time
+
+    from transformers import TrainerCallback
+
+    class Timer(TrainerCallback):
+        seconds = 0.0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if counts is not None:
+                counts.update(dict.fromkeys(counts, 0))
+            self.start = time.perf_counter()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.seconds = time.perf_counter() - self.start
+            self.counts = dict(counts or {})
+
+    return Timer()
+
+
+def append_report(path: str, report: str) -> None:
+    """Print a benchmark's markdown section and append it to RESULTS.md (or ``path``)."""
+    print(report)
+    with open(path, "a") as f:
+        f.write(report)

@@ -16,22 +16,28 @@ import datetime
 import os
 import sys
 import tempfile
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import MINILM, ROOT, environment, lightning_ft_module  # noqa: E402
+from common import (  # noqa: E402
+    MINILM,
+    ROOT,
+    append_report,
+    environment,
+    hf_timer,
+    lightning_ft_module,
+    lightning_timer,
+    timed_trainer,
+)
 
 DATA = ROOT.parent / "shared" / "data" / "conll2003"
 LR, BATCH, MAX_LEN = 5e-5, 32, 128
 
 
 def run_lightning_ft(epochs: int, seed: int, train_limit: int | None) -> dict:
-    import pytorch_lightning as pl
-
     overrides = [
         "task=ner", "dataset=conll2003", f"dataset.data_dir={DATA}", f"dataset.batch_size={BATCH}",
         f"dataset.max_length={MAX_LEN}", f"optim.lr={LR}", "optim.weight_decay=0.0", "scheduler.warmup_ratio=0.0",
@@ -40,24 +46,8 @@ def run_lightning_ft(epochs: int, seed: int, train_limit: int | None) -> dict:
         overrides.append(f"+dataset.max_train_examples={train_limit}")
     module, datamodule = lightning_ft_module(overrides, seed)
 
-    class Timer(pl.Callback):
-        seconds, samples = 0.0, 0
-
-        def on_train_start(self, trainer, pl_module):
-            self.start = time.perf_counter()
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            self.samples += len(batch["input_ids"])
-
-        def on_train_end(self, trainer, pl_module):
-            self.seconds = time.perf_counter() - self.start
-
-    timer = Timer()
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_epochs=epochs, gradient_clip_val=1.0, limit_val_batches=0,
-        num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[timer],
-    )
+    timer = lightning_timer()
+    trainer = timed_trainer(timer, max_epochs=epochs)
     trainer.fit(module, datamodule=datamodule)
     scores = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     return {"seconds": timer.seconds, "samples": timer.samples, "f1": scores["test/f1"]}
@@ -71,7 +61,6 @@ def run_hf_trainer(epochs: int, seed: int, train_limit: int | None) -> dict:
         AutoTokenizer,
         DataCollatorForTokenClassification,
         Trainer,
-        TrainerCallback,
         TrainingArguments,
         set_seed,
     )
@@ -108,16 +97,7 @@ def run_hf_trainer(epochs: int, seed: int, train_limit: int | None) -> dict:
     model = AutoModelForTokenClassification.from_pretrained(
         model_dir, num_labels=len(label_list), id2label=dict(enumerate(label_list)), label2id=label_to_id)
 
-    class Timer(TrainerCallback):
-        seconds = 0.0
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
-
-        def on_train_end(self, args, state, control, **kwargs):
-            self.seconds = time.perf_counter() - self.start
-
-    timer = Timer()
+    timer = hf_timer()
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
             output_dir=out, per_device_train_batch_size=BATCH, per_device_eval_batch_size=2 * BATCH,
@@ -174,9 +154,7 @@ def main() -> None:
         *rows,
         "",
     ])
-    print(report)
-    with open(args.results, "a") as f:
-        f.write(report)
+    append_report(args.results, report)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -24,15 +23,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import MINILM, ROOT, environment, lightning_ft_module  # noqa: E402
+from common import (  # noqa: E402
+    MINILM,
+    ROOT,
+    append_report,
+    environment,
+    hf_timer,
+    lightning_ft_module,
+    lightning_timer,
+    timed_trainer,
+)
 
 DATA = ROOT.parent / "shared" / "data" / "glue_sst2"
 LR, BATCH, MAX_LEN, WEIGHT_DECAY = 5e-5, 32, 128, 0.01
 
 
 def run_lightning_ft(steps: int, train_examples: int, precision: str, seed: int, grouped: bool = False) -> dict:
-    import pytorch_lightning as pl
-
     overrides = [
         "dataset=sst2", f"dataset.data_dir={DATA}", f"+dataset.max_train_examples={train_examples}",
         f"dataset.batch_size={BATCH}", f"dataset.max_length={MAX_LEN}", f"optim.lr={LR}",
@@ -40,27 +46,9 @@ def run_lightning_ft(steps: int, train_examples: int, precision: str, seed: int,
     ]
     module, datamodule = lightning_ft_module(overrides, seed)
 
-    class Timer(pl.Callback):
-        """Wall time from train start to train end, and the tokens that entered the model."""
-
-        seconds, tokens, real_tokens = 0.0, 0, 0
-
-        def on_train_start(self, trainer, pl_module):
-            self.start = time.perf_counter()
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            self.tokens += batch["input_ids"].numel()
-            self.real_tokens += int(batch["attention_mask"].sum())
-
-        def on_train_end(self, trainer, pl_module):
-            self.seconds = time.perf_counter() - self.start
-
-    timer = Timer()
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=steps, max_epochs=-1, precision="bf16-mixed" if precision == "bf16"
-        else "32-true", gradient_clip_val=1.0, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
-    )
+    timer = lightning_timer()
+    trainer = timed_trainer(timer, max_steps=steps, max_epochs=-1,
+                            precision="bf16-mixed" if precision == "bf16" else "32-true")
     trainer.fit(module, datamodule=datamodule)
     accuracy = trainer.test(module, datamodule=datamodule, verbose=False)[0]["test/accuracy"]
     return {"seconds": timer.seconds, "samples": steps * BATCH, "tokens": timer.tokens,
@@ -74,7 +62,6 @@ def run_hf_trainer(steps: int, train_examples: int, precision: str, seed: int) -
         AutoTokenizer,
         DataCollatorWithPadding,
         Trainer,
-        TrainerCallback,
         TrainingArguments,
         set_seed,
     )
@@ -96,20 +83,9 @@ def run_hf_trainer(steps: int, train_examples: int, precision: str, seed: int) -
     set_seed(seed)  # as lightning_ft seeds before building its model: the same classifier-head initialisation
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
 
-    class Timer(TrainerCallback):
-        seconds = 0.0
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            counts.update(tokens=0, real_tokens=0)
-            self.start = time.perf_counter()
-
-        def on_train_end(self, args, state, control, **kwargs):
-            self.seconds = time.perf_counter() - self.start
-            self.counts = dict(counts)
-
-    timer = Timer()
     padding = DataCollatorWithPadding(tokenizer)
     counts = {"tokens": 0, "real_tokens": 0}
+    timer = hf_timer(counts)
 
     def collate(features):  # counts what enters the model; reset when training starts
         batch = padding(features)
@@ -192,9 +168,7 @@ def main() -> None:
         *rows,
         "",
     ])
-    print(report)
-    with open(args.results, "a") as f:
-        f.write(report)
+    append_report(args.results, report)
 
 
 if __name__ == "__main__":

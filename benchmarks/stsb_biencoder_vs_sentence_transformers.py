@@ -20,13 +20,21 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from common import MINILM, ROOT, environment, lightning_ft_module  # noqa: E402
+from common import (  # noqa: E402
+    MINILM,
+    ROOT,
+    append_report,
+    environment,
+    hf_timer,
+    lightning_ft_module,
+    lightning_timer,
+    timed_trainer,
+)
 
 DATA = ROOT.parent / "shared" / "data" / "glue_stsb"
 LR, BATCH, MAX_LEN, WEIGHT_DECAY, WARMUP = 2e-5, 16, 128, 0.01, 0.1
@@ -63,24 +71,8 @@ def run_lightning_ft(epochs: int, seed: int, train_limit: int | None, group_by_l
         overrides.append(f"+dataset.max_train_examples={train_limit}")
     module, datamodule = lightning_ft_module(overrides, seed)
 
-    class Timer(pl.Callback):
-        seconds, samples = 0.0, 0
-
-        def on_train_start(self, trainer, pl_module):
-            self.start = time.perf_counter()
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            self.samples += len(batch["input_ids"])
-
-        def on_train_end(self, trainer, pl_module):
-            self.seconds = time.perf_counter() - self.start
-
-    timer = Timer()
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_epochs=epochs, gradient_clip_val=1.0, limit_val_batches=0,
-        num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[timer],
-    )
+    timer = lightning_timer()
+    trainer = timed_trainer(timer, max_epochs=epochs)
     trainer.fit(module, datamodule=datamodule)
     evaluator = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                            enable_model_summary=False)
@@ -96,7 +88,7 @@ def run_sentence_transformers(epochs: int, seed: int, train_limit: int | None) -
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
     from sentence_transformers.losses import CosineSimilarityLoss
     from sentence_transformers.training_args import SentenceTransformerTrainingArguments
-    from transformers import TrainerCallback, set_seed
+    from transformers import set_seed
 
     from lightning_ft.backbones import resolve_name
 
@@ -105,16 +97,7 @@ def run_sentence_transformers(epochs: int, seed: int, train_limit: int | None) -
     model.max_seq_length = MAX_LEN
     train = datasets.Dataset.from_dict(read_split("train.tsv", train_limit))
 
-    class Timer(TrainerCallback):
-        seconds = 0.0
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
-
-        def on_train_end(self, args, state, control, **kwargs):
-            self.seconds = time.perf_counter() - self.start
-
-    timer = Timer()
+    timer = hf_timer()
     with tempfile.TemporaryDirectory() as out:
         args = SentenceTransformerTrainingArguments(
             output_dir=out, per_device_train_batch_size=BATCH, learning_rate=LR, weight_decay=WEIGHT_DECAY,
@@ -193,9 +176,7 @@ def main() -> None:
         *rows,
         "",
     ])
-    print(report)
-    with open(args.results, "a") as f:
-        f.write(report)
+    append_report(args.results, report)
 
 
 if __name__ == "__main__":
