@@ -25,8 +25,8 @@ def sample_corpus() -> list[str]:
 
     texts: dict[str, None] = {}
     for split in ("train", "validation", "test"):
-        for column in ("sentence1", "sentence2"):
-            texts.update(dict.fromkeys(read_texts(sample_dir("stsb") / f"{split}.tsv", column)[0]))
+        _, rows = read_texts(sample_dir("stsb") / f"{split}.tsv", "sentence1")
+        texts.update(dict.fromkeys(text for row in rows for text in (row["sentence1"], row["sentence2"])))
     return list(texts)
 
 

@@ -38,6 +38,19 @@ def _builder_for(path: Path) -> str:
     return _BUILDERS[ext]
 
 
+def iter_jsonl(source: Path):
+    """``(line number, value)`` for every non-blank line of a JSON-lines file; a line that is not JSON is an error
+    naming the file and line."""
+    with source.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{source}:{number} is not JSON ({err.msg}): write one object a line.") from err
+
+
 def tokenizer_signature(tokenizer: Any) -> str:
     """A stable identity of a tokenizer's vocabulary and rules, for the tokenized-data cache key."""
     backend = getattr(tokenizer, "backend_tokenizer", None)

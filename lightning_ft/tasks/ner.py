@@ -20,7 +20,7 @@ import torch
 from torchmetrics import MetricCollection
 from transformers import AutoModelForTokenClassification
 
-from lightning_ft.data.base import TaskDataModule
+from lightning_ft.data.base import TaskDataModule, iter_jsonl
 from lightning_ft.data.conll import read_conll
 from lightning_ft.errors import UserError
 from lightning_ft.metrics.entity import PREFIXES, EntityScores, get_entities, is_entity_scheme
@@ -413,17 +413,10 @@ def predict_file(
         for sentence in iter_sentences(source):
             records.append({"tokens": [f[0] for _, f in sentence], "columns": [f[1:] for _, f in sentence]})
     elif input_format == "jsonl":
-        with source.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise UserError(f"{source}:{number} is not JSON ({err.msg}): write one object a line.") from err
-                if not isinstance(row, dict) or not ("tokens" in row or "text" in row):
-                    raise UserError(f"{source}:{number} needs a 'tokens' list or a 'text' string.")
-                records.append({"row": row, **_words_of(tokenizer, row)})
+        for number, row in iter_jsonl(source):
+            if not isinstance(row, dict) or not ("tokens" in row or "text" in row):
+                raise UserError(f"{source}:{number} needs a 'tokens' list or a 'text' string.")
+            records.append({"row": row, **_words_of(tokenizer, row)})
     else:
         with source.open(encoding="utf-8") as handle:
             for line in handle:

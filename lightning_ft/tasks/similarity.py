@@ -26,7 +26,7 @@ from torchmetrics import Metric
 from transformers import AutoModel
 
 from lightning_ft.backbones import resolve_name
-from lightning_ft.data.base import TaskDataModule
+from lightning_ft.data.base import TaskDataModule, iter_jsonl
 from lightning_ft.errors import UserError
 from lightning_ft.metrics.similarity import CosineCorrelation, PairRetrieval
 from lightning_ft.tasks.base import TaskModule
@@ -423,15 +423,10 @@ def read_texts(source: Path, column: str | None = None) -> tuple[list[str], list
         rows = [{"text": line.rstrip("\r\n")} for line in source.open(encoding="utf-8") if line.strip()]
     elif suffix in {".jsonl", ".json"}:
         rows = []
-        for number, line in enumerate(source.open(encoding="utf-8"), start=1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise UserError(f"{source}:{number} is not JSON ({err.msg}): write one object a line.") from err
-                if not isinstance(row, dict):
-                    raise UserError(f"{source}:{number} is not a JSON object: write one object a line.")
-                rows.append(row)
+        for number, row in iter_jsonl(source):
+            if not isinstance(row, dict):
+                raise UserError(f"{source}:{number} is not a JSON object: write one object a line.")
+            rows.append(row)
     elif suffix in {".csv", ".tsv"}:
         with source.open(encoding="utf-8", newline="") as handle:
             delimiter = "\t" if suffix == ".tsv" else ","
