@@ -5,7 +5,16 @@ from omegaconf import OmegaConf
 from lightning_ft.paths import sample_dir
 
 
+def _best_precision(accelerator: str = "auto") -> str:
+    from lightning_ft.throughput import resolve_precision  # imports torch: only when a config is resolved
+
+    return resolve_precision("auto", accelerator)
+
+
 def register_resolvers() -> None:
-    """``${sample_dir:sst2}``: the folder of an embedded sample, in a clone or an installed package."""
+    """``${sample_dir:sst2}``: the folder of an embedded sample, in a clone or an installed package.
+    ``${best_precision:cpu}``: bf16-mixed where the device runs bf16 natively, else 32-true."""
     if not OmegaConf.has_resolver("sample_dir"):
         OmegaConf.register_new_resolver("sample_dir", lambda name="": str(sample_dir(name)))
+    if not OmegaConf.has_resolver("best_precision"):
+        OmegaConf.register_new_resolver("best_precision", _best_precision)

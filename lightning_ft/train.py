@@ -52,6 +52,7 @@ def train(cfg: DictConfig) -> float | None:
     from hydra.utils import instantiate
 
     from lightning_ft.backbones import load_tokenizer
+    from lightning_ft.throughput import ThroughputMonitor, resolve_precision
 
     if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
         raise UserError(
@@ -71,6 +72,8 @@ def train(cfg: DictConfig) -> float | None:
     with open_dict(cfg):
         cfg.monitor = cfg.monitor or metric
         cfg.monitor_mode = cfg.monitor_mode or mode
+        cfg.trainer.precision = resolve_precision(cfg.trainer.get("precision", "auto"),
+                                                  cfg.trainer.get("accelerator", "auto"))
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     callbacks = _build(cfg.get("callbacks"))
@@ -78,12 +81,16 @@ def train(cfg: DictConfig) -> float | None:
     # The callback keeping the best checkpoint by the monitored metric (not the one keeping last.ckpt).
     checkpoint = next((cb for cb in trainer.checkpoint_callbacks if cb.monitor == cfg.monitor), None)
 
-    results: dict[str, Any] = {"monitor": cfg.monitor}
+    results: dict[str, Any] = {"monitor": cfg.monitor, "precision": str(cfg.trainer.precision),
+                               "data": datamodule.preparation}
     if cfg.train and cfg.get("validate_before") and not cfg.ckpt_path:
         before = trainer.validate(module, datamodule=datamodule)[0]
         results["before_training"] = {k: float(v) for k, v in before.items()}
     if cfg.train:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        throughput = next((cb for cb in trainer.callbacks if isinstance(cb, ThroughputMonitor)), None)
+        if throughput is not None and throughput.summary:
+            results["throughput"] = throughput.summary
     best_path = checkpoint.best_model_path if checkpoint and checkpoint.best_model_path else None
     weights = best_path if cfg.train else cfg.ckpt_path
     if weights:  # test and export the best weights, not the last ones
@@ -141,6 +148,20 @@ def _print_summary(results: dict[str, Any], run_dir: Path) -> None:
             cells = [f"{values[c]:.0f}" if c == "support" else f"{values[c]:.4f}" for c in columns if c in values]
             per_group.add_row(group, *cells)
         console.print(per_group)
+    speed = results.get("throughput")
+    if speed:
+        console.print(
+            f"Training: {speed['samples']:.0f} samples in {speed['train_seconds']:.1f} s, "
+            f"{speed['samples_per_sec']:.1f} samples/s, {speed['tokens_per_sec']:.0f} real tokens/s "
+            f"({results['precision']}); padding {speed['padding']:.1%}, waiting for data {speed['data_wait']:.1%}"
+            + (f", MFU {speed['mfu']:.1%}" if "mfu" in speed else "")
+            + f"; first step {speed['seconds_to_first_step']:.1f} s after start-up."
+        )
+    data = results.get("data")
+    if data:
+        done = (f"tokenized {data['examples_tokenized']} rows" if data["examples_tokenized"]
+                else "read the tokenized splits from the cache")
+        console.print(f"Data: {done} in {data['tokenize_seconds']:.1f} s.")
     if results.get("export_dir"):
         console.print(f"Hugging Face model: {results['export_dir']}")
 

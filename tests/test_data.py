@@ -207,7 +207,7 @@ def test_group_by_length_sees_every_example_once_with_less_padding(tmp_path):
                     for row, mask in zip(batch["input_ids"], batch["attention_mask"])]
         return 1 - real / padded, ids
 
-    plain = make_dm(data_dir=data_dir, batch_size=16)
+    plain = make_dm(data_dir=data_dir, batch_size=16, group_by_length=False)
     plain.prepare_data()
     grouped = make_dm(data_dir=data_dir, batch_size=16, group_by_length=True)
     grouped.prepare_data()

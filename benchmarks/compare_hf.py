@@ -1,0 +1,266 @@
+"""lightning_ft vs the Hugging Face Trainer on the same work: MiniLM fine-tuned on SST-2 and on CoNLL-2003 NER.
+
+One process, alternating runs (the same seed for both sides of a pair), medians. Both sides get the same model
+directory, training rows, epochs, max length 128, batch 32, lr, linear decay without warmup, clipping at 1.0, fused
+AdamW, precision and 2 threads. Each side runs as its users would run it by default: lightning_ft with its shipped
+dataset configs (length-grouped batches), the HF Trainer with its defaults (shuffled batches; the run_glue.py and
+run_ner.py preprocessing). ``--sides`` adds lightning_ft without length grouping (the HF Trainer's batches) and the
+HF Trainer with its own ``group_by_length=True``. Train throughput is timed from train start to train end with no
+evaluation inside; then both are scored on the dev split.
+
+    python benchmarks/compare_hf.py --task sst2 conll --precision bf16 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from common import (  # noqa: E402
+    MINILM,
+    ROOT,
+    append_report,
+    environment,
+    hf_timer,
+    lightning_ft_module,
+    lightning_timer,
+    timed_trainer,
+)
+
+DATA = ROOT.parent / "shared" / "data"
+BATCH, MAX_LEN = 32, 128
+# lr and weight decay: the HF examples' defaults for each task (run_glue.py README: 2e-5..5e-5; run_ner.py: 5e-5).
+TASKS = {
+    "sst2": {"lr": 5e-5, "weight_decay": 0.01, "metric": "accuracy", "rows": 67349,
+             "title": "SST-2 (GLUE), dev accuracy on all 872 dev sentences"},
+    "conll": {"lr": 5e-5, "weight_decay": 0.0, "metric": "f1", "rows": 14041,
+              "title": "CoNLL-2003 NER, entity-level micro F1 on all 3,250 dev sentences"},
+}
+SIDES = ("hf_trainer", "lightning_ft", "lightning_ft_ungrouped", "hf_trainer_grouped")
+
+
+def lightning_ft_run(task: str, epochs: int, train_rows: int | None, precision: str, seed: int,
+                     grouped: bool = True) -> dict:
+    from lightning_ft.throughput import ThroughputMonitor
+
+    spec = TASKS[task]
+    data = {"sst2": ["dataset=sst2", f"dataset.data_dir={DATA / 'glue_sst2'}"],
+            "conll": ["task=ner", "dataset=conll2003", f"dataset.data_dir={DATA / 'conll2003'}"]}[task]
+    overrides = [*data, f"dataset.batch_size={BATCH}", f"dataset.max_length={MAX_LEN}", f"optim.lr={spec['lr']}",
+                 f"optim.weight_decay={spec['weight_decay']}", "scheduler.warmup_ratio=0.0"]
+    if not grouped:
+        overrides.append("dataset.group_by_length=false")
+    if train_rows:
+        overrides.append(f"+dataset.max_train_examples={train_rows}")
+    module, datamodule = lightning_ft_module(overrides, seed)
+    timer, monitor = lightning_timer(), ThroughputMonitor()
+    trainer = timed_trainer(timer, max_epochs=epochs, precision="bf16-mixed" if precision == "bf16" else "32-true")
+    trainer.callbacks.append(monitor)
+    trainer.fit(module, datamodule=datamodule)
+    scores = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    return {"seconds": timer.seconds, "samples": timer.samples, "tokens": timer.tokens,
+            "real_tokens": timer.real_tokens, "metric": scores[f"val/{spec['metric']}"],
+            "data_wait": monitor.summary["data_wait"]}
+
+
+def _sst2_hf(tokenizer, train_rows: int | None):
+    import datasets
+
+    read = {"delimiter": "\t", "quoting": 3}
+    train = datasets.load_dataset("csv", data_files=str(DATA / "glue_sst2" / "train.tsv"), split="train", **read)
+    dev = datasets.load_dataset("csv", data_files=str(DATA / "glue_sst2" / "dev.tsv"), split="train", **read)
+    if train_rows:
+        train = train.select(range(train_rows))
+
+    def encode(batch):  # run_glue.py's preprocess_function
+        return tokenizer(batch["sentence"], truncation=True, max_length=MAX_LEN)
+
+    train = train.map(encode, batched=True, remove_columns=["sentence"])
+    dev = dev.map(encode, batched=True, remove_columns=["sentence"])
+
+    def score(predictions) -> float:
+        return float((np.argmax(predictions.predictions, -1) == predictions.label_ids).mean())
+
+    return train, dev, {"num_labels": 2}, None, score
+
+
+def _conll_hf(tokenizer, train_rows: int | None):
+    import datasets
+    from seqeval.metrics import f1_score
+    from transformers import DataCollatorForTokenClassification
+
+    from lightning_ft.data.conll import read_conll
+
+    splits = {}
+    for split, name in [("train", "train.txt"), ("dev", "valid.txt")]:
+        rows = read_conll(DATA / "conll2003" / name)
+        splits[split] = datasets.Dataset.from_dict({"tokens": rows["tokens"], "ner_tags": rows["ner_tags"]})
+    if train_rows:
+        splits["train"] = splits["train"].select(range(train_rows))
+    label_list = sorted({t for row in splits["train"]["ner_tags"] for t in row})  # run_ner.py: sorted labels
+    label_to_id = {label: i for i, label in enumerate(label_list)}
+
+    def encode(batch):  # run_ner.py's tokenize_and_align_labels with label_all_tokens=False
+        encoding = tokenizer(batch["tokens"], truncation=True, max_length=MAX_LEN, is_split_into_words=True)
+        labels = []
+        for i, tags in enumerate(batch["ner_tags"]):
+            previous, row = None, []
+            for word in encoding.word_ids(batch_index=i):
+                row.append(-100 if word is None or word == previous else label_to_id[tags[word]])
+                previous = word
+            labels.append(row)
+        encoding["labels"] = labels
+        return encoding
+
+    train = splits["train"].map(encode, batched=True, remove_columns=["tokens", "ner_tags"])
+    dev = splits["dev"].map(encode, batched=True, remove_columns=["tokens", "ner_tags"])
+
+    def score(predictions) -> float:  # run_ner.py's compute_metrics: seqeval over first sub-tokens
+        predicted = np.argmax(predictions.predictions, axis=2)
+        gold, guess = [], []
+        for p_row, l_row in zip(predicted, predictions.label_ids):
+            gold.append([label_list[label] for label in l_row if label != -100])
+            guess.append([label_list[p] for p, label in zip(p_row, l_row) if label != -100])
+        return f1_score(gold, guess)
+
+    head = {"num_labels": len(label_list), "id2label": dict(enumerate(label_list)), "label2id": label_to_id}
+    return train, dev, head, DataCollatorForTokenClassification(tokenizer), score
+
+
+def hf_trainer_run(task: str, epochs: int, train_rows: int | None, precision: str, seed: int,
+                   grouped: bool = False) -> dict:
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoModelForTokenClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
+
+    from lightning_ft.backbones import resolve_name
+
+    spec = TASKS[task]
+    model_dir = resolve_name(MINILM)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    train, dev, head, collator, score = (_sst2_hf if task == "sst2" else _conll_hf)(tokenizer, train_rows)
+    set_seed(seed)  # as lightning_ft seeds before building its model
+    auto = AutoModelForSequenceClassification if task == "sst2" else AutoModelForTokenClassification
+    model = auto.from_pretrained(model_dir, **head)
+
+    padding = collator or DataCollatorWithPadding(tokenizer)
+    counts = {"samples": 0, "tokens": 0, "real_tokens": 0}
+    timer = hf_timer(counts)
+
+    def collate(features):  # counts what enters the model; zeroed when training starts
+        batch = padding(features)
+        counts["samples"] += len(features)
+        counts["tokens"] += batch["input_ids"].numel()
+        counts["real_tokens"] += int(batch["attention_mask"].sum())
+        return batch
+
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(
+            output_dir=out, per_device_train_batch_size=BATCH, per_device_eval_batch_size=2 * BATCH,
+            learning_rate=spec["lr"], weight_decay=spec["weight_decay"], max_grad_norm=1.0, num_train_epochs=epochs,
+            lr_scheduler_type="linear", warmup_steps=0, logging_strategy="no", save_strategy="no",
+            eval_strategy="no", report_to=[], use_cpu=True, seed=seed, dataloader_num_workers=0,
+            disable_tqdm=True, bf16=precision == "bf16", group_by_length=grouped,
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collate, callbacks=[timer])
+        trainer.train()
+        metric = score(trainer.predict(dev))
+    return {"seconds": timer.seconds, **timer.counts, "metric": metric}
+
+
+def run(side: str, *args, **kwargs) -> dict:
+    if side.startswith("hf_trainer"):
+        return hf_trainer_run(*args, grouped=side == "hf_trainer_grouped", **kwargs)
+    return lightning_ft_run(*args, grouped=side == "lightning_ft", **kwargs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", nargs="+", default=["sst2", "conll"], choices=list(TASKS))
+    parser.add_argument("--precision", nargs="+", default=["bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--sides", default="hf_trainer,lightning_ft",
+                        help=f"comma-separated, from {', '.join(SIDES)}; the first is the reference")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--train-rows", type=int, nargs="+", default=None,
+                        help="first N training rows, one value per --task (default: all)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    sides = args.sides.split(",")
+    unknown = [s for s in sides if s not in SIDES]
+    if unknown:
+        parser.error(f"unknown side {unknown[0]!r}: use {', '.join(SIDES)}")
+    rows_for = dict(zip(args.task, args.train_rows or [None] * len(args.task)))
+
+    sections = []
+    for task in args.task:
+        table = []
+        for precision in args.precision:
+            for side in sides:  # untimed: the first run of each in a process pays one-time costs (oneDNN kernels)
+                run(side, task, 1, 320, precision, seed=0)
+            runs = {side: [] for side in sides}
+            for repeat in range(args.repeats):  # alternating, so drift in machine speed hits all sides alike
+                for side in sides:
+                    r = run(side, task, args.epochs, rows_for[task], precision, seed=42 + repeat)
+                    runs[side].append(r)
+                    print(f"[{task} {precision} seed {42 + repeat}] {side}: {r['samples'] / r['seconds']:.1f} "
+                          f"samples/s, padding {1 - r['real_tokens'] / r['tokens']:.1%}, dev {r['metric']:.4f}",
+                          flush=True)
+            reference = statistics.median(r["samples"] / r["seconds"] for r in runs[sides[0]])
+            for side in sides:
+                rates = [r["samples"] / r["seconds"] for r in runs[side]]
+                padded = statistics.median(r["tokens"] / r["seconds"] for r in runs[side])
+                padding = statistics.median(1 - r["real_tokens"] / r["tokens"] for r in runs[side])
+                metrics = [r["metric"] for r in runs[side]]
+                wait = (f"{statistics.median(r['data_wait'] for r in runs[side]):.1%}"
+                        if "data_wait" in runs[side][0] else "")
+                table.append(
+                    f"| {precision} | {side} | {statistics.median(rates):.1f} | "
+                    f"**{statistics.median(rates) / reference:.2f}** | {padded:.0f} | {padding:.1%} | {wait} | "
+                    f"{statistics.median(r['seconds'] for r in runs[side]) / 60:.1f} | {statistics.median(metrics):.4f}"
+                    f" | {', '.join(f'{m:.4f}' for m in metrics)} |")
+        rows = f"the first {rows_for[task]}" if rows_for[task] else f"all {TASKS[task]['rows']}"
+        sections.append("\n".join([
+            f"\n### {TASKS[task]['title']}\n",
+            f"Work: {args.epochs} epoch(s) over {rows}"
+            f" train rows, batch {BATCH}, max length {MAX_LEN}, lr {TASKS[task]['lr']}, weight decay "
+            f"{TASKS[task]['weight_decay']}, linear decay without warmup, clip 1.0, fused AdamW. Medians of "
+            f"{args.repeats} alternating runs per side (seeds 42..{41 + args.repeats}, same seed for both sides of a "
+            "pair), after an untimed warm-up run of each.\n",
+            "| precision | run | train samples/s | ratio | padded tokens/s | padding | waiting for data | train minutes"
+            " | dev median | dev per seed |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+            *table,
+        ]))
+    command = "python benchmarks/compare_hf.py " + " ".join(sys.argv[1:])
+    report = "\n".join([
+        f"\n## lightning_ft vs Hugging Face Trainer, MiniLM-L6, shipped defaults ({datetime.date.today()})\n",
+        f"Command: `{command.strip()}`  ",
+        f"Machine: {environment()}  ",
+        f"Ratio: train samples/s over {sides[0]}'s. {Path(__file__).name} docstring: what each side does.",
+        *sections,
+        "",
+    ])
+    append_report(args.results, report)
+
+
+if __name__ == "__main__":
+    main()
