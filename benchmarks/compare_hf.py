@@ -5,8 +5,8 @@ directory, training rows, epochs, max length 128, batch 32, lr, linear decay wit
 AdamW, precision and 2 threads. Each side runs as its users would run it by default: lightning_ft with its shipped
 dataset configs (length-grouped batches), the HF Trainer with its defaults (shuffled batches; the run_glue.py and
 run_ner.py preprocessing). ``--sides`` adds lightning_ft without length grouping (the HF Trainer's batches) and the
-HF Trainer with its own ``group_by_length=True``. Train throughput is timed from train start to train end with no
-evaluation inside; then both are scored on the dev split.
+HF Trainer with its own length grouping (``train_sampling_strategy="group_by_length"``). Train throughput is timed
+from train start to train end with no evaluation inside; then both are scored on the dev split.
 
     python benchmarks/compare_hf.py --task sst2 conll --precision bf16 --repeats 3
 """
@@ -63,11 +63,16 @@ def lightning_ft_run(task: str, epochs: int, train_rows: int | None, precision: 
     if train_rows:
         overrides.append(f"+dataset.max_train_examples={train_rows}")
     module, datamodule = lightning_ft_module(overrides, seed)
+    import pytorch_lightning as pl
+
     timer, monitor = lightning_timer(), ThroughputMonitor()
-    trainer = timed_trainer(timer, max_epochs=epochs, precision="bf16-mixed" if precision == "bf16" else "32-true")
+    precision = "bf16-mixed" if precision == "bf16" else "32-true"
+    trainer = timed_trainer(timer, max_epochs=epochs, precision=precision)
     trainer.callbacks.append(monitor)
     trainer.fit(module, datamodule=datamodule)
-    scores = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    evaluator = pl.Trainer(accelerator="cpu", precision=precision, logger=False, enable_progress_bar=False,
+                           enable_model_summary=False)
+    scores = evaluator.validate(module, datamodule=datamodule, verbose=False)[0]
     return {"seconds": timer.seconds, "samples": timer.samples, "tokens": timer.tokens,
             "real_tokens": timer.real_tokens, "metric": scores[f"val/{spec['metric']}"],
             "data_wait": monitor.summary["data_wait"]}
@@ -176,7 +181,8 @@ def hf_trainer_run(task: str, epochs: int, train_rows: int | None, precision: st
             learning_rate=spec["lr"], weight_decay=spec["weight_decay"], max_grad_norm=1.0, num_train_epochs=epochs,
             lr_scheduler_type="linear", warmup_steps=0, logging_strategy="no", save_strategy="no",
             eval_strategy="no", report_to=[], use_cpu=True, seed=seed, dataloader_num_workers=0,
-            disable_tqdm=True, bf16=precision == "bf16", group_by_length=grouped,
+            disable_tqdm=True, bf16=precision == "bf16",
+            train_sampling_strategy="group_by_length" if grouped else "random",
         )
         trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collate, callbacks=[timer])
         trainer.train()
