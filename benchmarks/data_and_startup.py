@@ -106,7 +106,7 @@ def startup_rows(repeats: int) -> list[str]:
             run_dir = f"{work}/run{i}"
             subprocess.run([python, "-m", "lightning_ft.train", f"run_dir={run_dir}", "+trainer.max_steps=2",
                             "trainer.max_epochs=1", "test=false", "export=false", "validate_before=false",
-                            "trainer.num_sanity_val_steps=0", "trainer.limit_val_batches=1"],
+                            "trainer.num_sanity_val_steps=0", "+trainer.limit_val_batches=1"],
                            cwd=work, capture_output=True, check=True)
             metrics = json.loads(Path(run_dir, "metrics.json").read_text())
             first_step.append(metrics["throughput"]["seconds_to_first_step"])

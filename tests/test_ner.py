@@ -147,6 +147,19 @@ def test_sentences_beyond_max_length_warn_with_the_number_of_words_cut_and_count
     assert batch["input_ids"].shape[1] == 16 and (batch["word_labels"] != IGNORE).sum() == 31  # all gold words kept
 
 
+def test_conll_files_are_tokenized_once_and_read_from_the_cache_after(tmp_path, tokenizer):
+    # The task reads CoNLL files itself (an in-memory dataset, which datasets would never cache on its own).
+    data = conll_dir(tmp_path / "data", CONLL, CONLL)
+    settings = {"data_dir": str(data), "cache_dir": str(tmp_path / "cache")}
+    first = datamodule(tokenizer, **settings)
+    assert first.examples_tokenized == 2 * 3  # 3 sentences in each of train and validation
+    second = datamodule(load_tokenizer(MINILM), **settings)  # as a new process would build it
+    assert second.examples_tokenized == 0, "an identical second run reads the tokenized cache"
+    assert second.datasets["train"]["input_ids"] == first.datasets["train"]["input_ids"]
+    write(data / "train.txt", CONLL.replace("Peter", "Paul"))
+    assert datamodule(tokenizer, **settings).examples_tokenized == 3, "a changed file is tokenized again"
+
+
 def test_integer_tags_take_their_names_from_label_names(tmp_path, tokenizer):
     rows = [{"tokens": ["John", "lives", "here"], "tags": [1, 0, 0]}, {"tokens": ["Mary"], "tags": [1]}]
     for split in ("train", "validation"):

@@ -53,6 +53,20 @@ def iter_jsonl(source: Path):
                 raise UserError(f"{source}:{number} is not JSON ({err.msg}): write one object a line.") from err
 
 
+def _fingerprint(data: Any) -> str:
+    """The raw split's identity for the tokenized-data cache key."""
+    if data.cache_files:
+        return data._fingerprint  # datasets' own: the source files and every transform applied since
+    # Built in memory (e.g. CoNLL files a task reads itself): datasets gives it a random fingerprint and map would
+    # not cache it at all, so the key hashes the rows and the tokenized split gets an explicit cache file.
+    import pyarrow as pa
+
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, data.data.schema) as writer:
+        writer.write_table(data.data.table)
+    return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()
+
+
 def tokenizer_signature(tokenizer: Any) -> str:
     """A stable identity of a tokenizer's vocabulary and rules, for the tokenized-data cache key."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -299,7 +313,7 @@ class TaskDataModule(pl.LightningDataModule):
         self.datasets = {}
         started = time.perf_counter()
         for split, data in raw.items():
-            key = hashlib.sha256(f"{data._fingerprint}|{tokenizer_id}|{settings}".encode()).hexdigest()[:32]
+            key = hashlib.sha256(f"{_fingerprint(data)}|{tokenizer_id}|{settings}".encode()).hexdigest()[:32]
             self._current_split = split
             self.datasets[split] = data.map(
                 self._encode_counted,
@@ -307,6 +321,7 @@ class TaskDataModule(pl.LightningDataModule):
                 with_indices=True,
                 remove_columns=data.column_names,
                 new_fingerprint=key,
+                cache_file_name=None if data.cache_files else self._cache_file(key),
                 desc=f"Tokenizing {split}",
             )
             self.check_encoded(split, self.datasets[split])
@@ -323,6 +338,13 @@ class TaskDataModule(pl.LightningDataModule):
         """What preparing the data cost: rows tokenized here (0 = all from the cache) and the seconds it took."""
         return {"examples_tokenized": self.examples_tokenized, "tokenize_seconds": round(self.tokenize_seconds, 3),
                 "examples": {split: len(data) for split, data in (self.datasets or {}).items()}}
+
+    def _cache_file(self, key: str) -> str:
+        import datasets
+
+        folder = Path(self.cache_dir or datasets.config.HF_DATASETS_CACHE).expanduser() / "lightning_ft"
+        folder.mkdir(parents=True, exist_ok=True)
+        return str(folder / f"tokenized-{key}.arrow")
 
     def _encode_counted(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         out = self.encode(batch)
