@@ -204,7 +204,7 @@ def main() -> None:
                         help=f"comma-separated, from {', '.join(SIDES)}; the first is the reference")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--train-rows", type=int, nargs="+", default=None,
-                        help="first N training rows, one value per --task (default: all)")
+                        help="first N training rows, one value per --task (0 or default: all)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
@@ -214,7 +214,7 @@ def main() -> None:
     unknown = [s for s in sides if s not in SIDES]
     if unknown:
         parser.error(f"unknown side {unknown[0]!r}: use {', '.join(SIDES)}")
-    rows_for = dict(zip(args.task, args.train_rows or [None] * len(args.task)))
+    rows_for = {task: n or None for task, n in zip(args.task, args.train_rows or [0] * len(args.task))}
 
     sections = []
     for task in args.task:
