@@ -74,7 +74,8 @@ def test_monitor_counts_real_tokens_padding_and_mfu(tmp_path, tiny_pretrained):
 
 
 def test_run_reports_throughput_data_cost_and_resolved_precision(tmp_path, capsys):
-    first = compose_config([*QUICK, "trainer.max_epochs=1", "test=false", "export=false"], tmp_path / "a")
+    quick = [*QUICK, "trainer.max_epochs=1", "test=false", "export=false", f"+dataset.cache_dir={tmp_path / 'cache'}"]
+    first = compose_config(quick, tmp_path / "a")
     train(first)
     metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert metrics["precision"] in ("bf16-mixed", "32-true")
@@ -85,7 +86,7 @@ def test_run_reports_throughput_data_cost_and_resolved_precision(tmp_path, capsy
     assert metrics["data"]["examples_tokenized"] > 0
     assert "Training: 160 samples in" in capsys.readouterr().out
 
-    second = compose_config([*QUICK, "trainer.max_epochs=1", "test=false", "export=false"], tmp_path / "b")
+    second = compose_config(quick, tmp_path / "b")
     train(second)
     again = json.loads((tmp_path / "b" / "metrics.json").read_text())["data"]
     assert again["examples_tokenized"] == 0, "an identical second run reads the tokenized cache"
