@@ -85,3 +85,42 @@ def test_bf16_with_fused_adamw_and_gradient_clipping_trains_and_clips(tmp_path):
     trainer.fit(module, datamodule=dm)
     assert len(norms) == 4 and max(norms) <= 0.01 * 1.001
     assert not torch.equal(before, module.model.classifier.weight)
+
+
+def test_a_training_step_is_the_hf_trainers_step_exactly(tmp_path):
+    """Same batches, dropout off, fp32: three optimizer steps of lightning_ft and of the Hugging Face Trainer (fused
+    AdamW, no decay on biases/LayerNorm, linear decay, clipping at 1.0) leave bit-identical weights."""
+    import copy
+
+    from torch.utils.data import DataLoader
+    from transformers import Trainer, TrainingArguments
+
+    rows = [[f"{'good' if i % 2 else 'bad'} movie number {i} " + "word " * (i % 7), i % 2] for i in range(24)]
+    dm = TextClassificationData(tokenizer=MINILM, data_dir=str(split_files(tmp_path / "data", rows, rows[:4])),
+                                batch_size=8)
+    dm.prepare_data()
+    optimizer = functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.01, fused=True)
+    scheduler = functools.partial(warmup_schedule, name="linear", warmup_ratio=0.0)
+    torch.manual_seed(0)
+    module = TextClassificationTask(backbone=TINY_BACKBONE, optimizer=optimizer, scheduler=scheduler,
+                                    **dm.model_kwargs())
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.Dropout):
+            layer.p = 0.0
+    reference = copy.deepcopy(module.model)
+    initial = copy.deepcopy(module.model.state_dict())
+
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, gradient_clip_val=1.0, precision="32-true", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0)
+    trainer.fit(module, train_dataloaders=DataLoader(dm.datasets["train"], batch_size=8, collate_fn=dm.collate))
+
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=8, learning_rate=1e-3,
+                             weight_decay=0.01, max_grad_norm=1.0, num_train_epochs=1, lr_scheduler_type="linear",
+                             warmup_steps=0, logging_strategy="no", save_strategy="no", report_to=[], use_cpu=True,
+                             train_sampling_strategy="sequential", disable_tqdm=True)
+    Trainer(model=reference, args=args, train_dataset=dm.datasets["train"], data_collator=dm.collate).train()
+    ours, theirs = module.model.state_dict(), reference.state_dict()
+    assert trainer.global_step == 3
+    assert all(torch.equal(ours[name], theirs[name]) for name in ours)
+    assert not torch.equal(ours["classifier.weight"], initial["classifier.weight"]), "the steps changed the weights"
