@@ -107,7 +107,7 @@ class ThroughputMonitor(pl.Callback):
         mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None  # BatchEncoding is no dict
         ids = batch["input_ids"]
         lengths = mask.sum(-1) if mask is not None else torch.full((len(ids),), ids.shape[-1])
-        flops = training_flops(*self._shape, lengths.cpu())
+        flops = training_flops(*self._shape, lengths.cpu()) if self._peak else 0.0  # only MFU reads it
         for counts in (self.total, self.window):
             counts["samples"] += len(ids)
             counts["tokens"] += float(lengths.sum())
