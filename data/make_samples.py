@@ -4,12 +4,15 @@ The samples are fixed random subsets (seed 0) so the default commands run offlin
 """
 
 import csv
+import json
 import random
 from pathlib import Path
 
 SHARED = Path("../shared/data")
 OUT = Path(__file__).parent
 WNUT_TRAIN = 2000
+SQUAD_ARTICLES = {"train": ["Normans", "Southern_California", "Sky_(United_Kingdom)"],
+                  "validation": ["1973_oil_crisis"], "test": ["Packet_switching"]}
 
 
 def read_tsv(path: Path) -> tuple[list[str], list[list[str]]]:
@@ -70,6 +73,23 @@ def main() -> None:
     write_conll(OUT / "wnut17/train.conll", rng.sample(sentences(wnut / "wnut17train.conll"), WNUT_TRAIN))
     write_conll(OUT / "wnut17/validation.conll", rng.sample(sentences(wnut / "emerging.dev.conll"), 400))
     write_conll(OUT / "wnut17/test.conll", sentences(wnut / "emerging.test.annotated"))
+
+    # SQuAD v1.1 (CC BY-SA 4.0): whole articles of the dev file, in its own JSON format. All are among the first 38
+    # articles, which benchmarks/squad_vs_hf.py trains on; it evaluates on the last 10.
+    squad = json.loads((SHARED / "squad_v1.1/dev-v1.1.json").read_text(encoding="utf-8"))
+    articles = {a["title"]: a for a in squad["data"]}
+    for split, titles in SQUAD_ARTICLES.items():
+        document = {"version": squad["version"], "data": [articles[t] for t in titles]}
+        path = OUT / f"squad/{split}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(document, ensure_ascii=False), encoding="utf-8")
+
+    # OpenBookQA (Apache-2.0), main JSONL: random draws from its train, dev and test splits.
+    for split, source, count in (("train", "train", 1000), ("validation", "dev", 200), ("test", "test", 200)):
+        lines = (SHARED / f"openbookqa/main/{source}.jsonl").read_text(encoding="utf-8").splitlines()
+        path = OUT / f"openbookqa/{split}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(rng.sample([ln for ln in lines if ln.strip()], count)) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

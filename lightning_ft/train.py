@@ -106,6 +106,11 @@ def train(cfg: DictConfig) -> float | None:
         results["test"] = {k: float(v) for k, v in trainer.test(module, datamodule=datamodule)[0].items()}
 
     if trainer.is_global_zero:
+        # Tasks whose answers are text (QA) keep the last evaluation's answers per example id: save them.
+        for stage, answers in getattr(module, "predictions", {}).items():
+            path = run_dir / f"predictions_{stage}.json"
+            path.write_text(json.dumps(answers, indent=1, ensure_ascii=False))
+            results.setdefault("predictions", {})[stage] = str(path)
         if cfg.export and not trainer.fast_dev_run:
             results["export_dir"] = str(module.export(run_dir / "hf_model", datamodule.tokenizer))
         (run_dir / "metrics.json").write_text(json.dumps(results, indent=2))
@@ -162,6 +167,9 @@ def _print_summary(results: dict[str, Any], run_dir: Path) -> None:
         done = (f"tokenized {data['examples_tokenized']} rows" if data["examples_tokenized"]
                 else "read the tokenized splits from the cache")
         console.print(f"Data: {done} in {data['tokenize_seconds']:.1f} s.")
+        for split, counts in data.get("problems", {}).items():
+            found = ", ".join(f"{count} {kind.replace('_', ' ')}" for kind, count in counts.items())
+            console.print(f"Data problems in {split} (ids in the log above): {found}.")
     if results.get("export_dir"):
         console.print(f"Hugging Face model: {results['export_dir']}")
 

@@ -7,13 +7,15 @@ import pytest
 from conftest import QUICK, ROOT, compose_config
 from hydra.utils import instantiate
 
-from lightning_ft.paths import config_dir
+from lightning_ft.paths import config_dir, sample_dir
 from lightning_ft.train import train
 
 SHARED = ROOT.parent / "shared" / "data"
 # Where each experiment's dataset lives on this machine (the experiments name hub datasets).
 LOCAL_DATA = {"sst2": SHARED / "glue_sst2", "stsb": SHARED / "glue_stsb", "conll2003": SHARED / "conll2003",
-              "wnut17": SHARED / "wnut17", "stsb_similarity": SHARED / "glue_stsb"}
+              "wnut17": SHARED / "wnut17", "stsb_similarity": SHARED / "glue_stsb",
+              "squad": sample_dir("squad"),  # only the SQuAD dev file is on this machine: the embedded sample
+              "openbookqa": SHARED / "openbookqa" / "main"}
 # Composed but not instantiated here: they need something this machine does not have.
 NEEDS_EXTRA = {("logger", "tensorboard"): "the tensorboard package", ("trainer", "gpu"): "a GPU"}
 
