@@ -188,3 +188,22 @@ def test_a_tiny_qa_run_scores_saves_answers_and_exports_a_pipeline_that_agrees(t
     asked = [examples[qid] for qid in answers]
     got = qa([{"question": r["question"], "context": r["context"]} for r in asked])
     assert [g["answer"] for g in got] == [answers[r["id"]] for r in asked]
+
+
+def test_a_squad_v2_run_scores_answerable_and_unanswerable_questions(tmp_path):
+    data = tmp_path / "squad_v2"
+    data.mkdir()
+    for split in ("train", "validation"):
+        document = json.loads((sample_dir("squad") / f"{split}.json").read_text())
+        questions = [qa for article in document["data"] for p in article["paragraphs"] for qa in p["qas"]]
+        for qa in questions[::3]:
+            qa.update(is_impossible=True, answers=[])
+        (data / f"{split}.json").write_text(json.dumps(document))
+    run = tmp_path / "run"
+    train(compose_config(["task=qa", *QUICK, f"dataset.data_dir={data}", "task.version_2_with_negative=true",
+                          "test=false"], run))
+    validation = json.loads((run / "metrics.json").read_text())["validation"]
+    assert validation["val/HasAns_total"] + validation["val/NoAns_total"] == validation["val/total"]
+    assert validation["val/NoAns_total"] > 0 and 0.0 <= validation["val/NoAns_exact"] <= 100.0
+    answers = json.loads((run / "predictions_val.json").read_text())
+    assert len(answers) == validation["val/total"]

@@ -1,5 +1,6 @@
 """Every command in the README runs (with a tiny model and a few batches; test_e2e runs the main one for real)."""
 
+import json
 import re
 import shlex
 
@@ -8,6 +9,8 @@ from cli import run_cli
 from conftest import MINILM, QUICK, ROOT, compose_config, write_tsv
 
 from lightning_ft.backbones import load_tokenizer
+from lightning_ft.paths import sample_dir
+from lightning_ft.tasks.qa import QuestionAnsweringTask
 from lightning_ft.tasks.similarity import SimilarityTask
 
 README = (ROOT / "README.md").read_text()
@@ -40,8 +43,20 @@ def placeholders(tmp_path_factory, tiny_pretrained):
     tiny = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
     module = SimilarityTask(backbone={"name": MINILM, "pretrained": False, "config_overrides": tiny})
     module.export(similarity, load_tokenizer(MINILM))
+    squad, squad_v2 = tmp_path_factory.mktemp("user_squad"), tmp_path_factory.mktemp("user_squad_v2")
+    for split in ("train", "validation"):
+        document = json.loads((sample_dir("squad") / f"{split}.json").read_text())
+        (squad / f"{split}.json").write_text(json.dumps(document))
+        questions = [qa for article in document["data"] for p in article["paragraphs"] for qa in p["qas"]]
+        for qa in questions[::4]:  # every fourth question made unanswerable, as SQuAD v2.0 marks them
+            qa.update(is_impossible=True, plausible_answers=qa.pop("answers"), answers=[])
+        (squad_v2 / f"{split}.json").write_text(json.dumps(document))
+    qa_export = tmp_path_factory.mktemp("qa_export")
+    QuestionAnsweringTask(backbone={"name": MINILM, "pretrained": False, "config_overrides": tiny}).export(
+        qa_export, load_tokenizer(MINILM))
     return {"<your data dir>": str(data), "<model dir>": tiny_pretrained, "<exported dir>": tiny_pretrained,
-            "<your pairs dir>": str(pairs), "<exported similarity dir>": str(similarity)}
+            "<your pairs dir>": str(pairs), "<exported similarity dir>": str(similarity),
+            "<your squad dir>": str(squad), "<your squad v2 dir>": str(squad_v2), "<exported qa dir>": str(qa_export)}
 
 
 @pytest.fixture(scope="module")

@@ -79,3 +79,50 @@ def test_span_candidates_pad_short_batches_to_top_k():
     result = collector.compute()
     assert result["start_index"].shape == (3, 4)
     assert torch.isinf(result["start_logit"][0, 2:]).all()  # the padding is never a candidate
+
+
+def _windows(seed: int = 0) -> list[tuple]:
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.tensor([i // 2]), torch.tensor([i % 2]), torch.randn(1, 12, generator=generator),
+             torch.randn(1, 12, generator=generator), torch.tensor([3]), torch.tensor([10]), torch.tensor([0]))
+            for i in range(9)]
+
+
+def _as_lists(result: dict) -> dict:
+    return {k: v.reshape(len(result["example_index"].reshape(-1)), -1).tolist() for k, v in result.items()}
+
+
+def _rank_worker(rank: int, port: int, out) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        windows = _windows()
+        # A DistributedSampler gives rank r the windows r, r+2, ...; with 9 windows it repeats window 0 on rank 1.
+        mine = windows[rank::2] + ([windows[0]] if rank == 1 else [])
+        collector = SpanCandidates(top_k=3)
+        for window in mine:
+            collector.update(*window)
+        out[rank] = _as_lists(collector.compute())  # compute() gathers every rank's candidates
+    finally:
+        dist.destroy_process_group()
+
+
+def test_candidates_gathered_over_two_ddp_processes_equal_one_process():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_rank_worker, args=(port, out), nprocs=2, join=True)
+        results = dict(out)
+    single = SpanCandidates(top_k=3)
+    for window in _windows():
+        single.update(*window)
+    expected = _as_lists(single.compute())
+    assert len(expected["example_index"]) == 9
+    assert results[0] == expected and results[1] == expected
