@@ -21,3 +21,18 @@ def test_entry_point_imports_no_heavy_library_before_training():
     code = f"import sys, lightning_ft.train; print(sorted(m for m in {heavy} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]", "`--help` and config errors must not wait for torch/transformers/datasets to import"
+
+
+def test_every_embedded_sample_file_is_packaged():
+    """A non-editable install reads the samples from the wheel: pyproject's package-data must match each file."""
+    import fnmatch
+    import tomllib
+
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
+        "lightning_ft.samples"]
+    files = [p.relative_to(ROOT / "data").as_posix() for p in (ROOT / "data").rglob("*") if p.is_file()
+             and p.suffix != ".py" and "__pycache__" not in p.parts]
+    # setuptools globs: "**/" also matches no folder at all
+    patterns += [p.removeprefix("**/") for p in patterns]
+    missing = [f for f in files if not any(fnmatch.fnmatch(f, pattern) for pattern in patterns)]
+    assert files and not missing
