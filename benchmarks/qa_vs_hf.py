@@ -45,7 +45,7 @@ DATA = ROOT.parent / "shared" / "data"
 SQUAD = DATA / "squad_v1.1" / "dev-v1.1.json"
 TRAIN_ARTICLES = 38
 MAX_LEN, STRIDE, BATCH, LR, WARMUP, DECAY, N_BEST, MAX_ANSWER = 384, 128, 16, 1e-4, 0.1, 0.01, 20, 30
-OBQA_LR, OBQA_LEN, OBQA_EPOCHS = 5e-5, 64, 3
+OBQA_LR, OBQA_LEN, OBQA_EPOCHS = 5e-5, 64, 2
 
 
 # ---- the official SQuAD v1.1 evaluation script, written out (the HF side's metric) ------------------------------
