@@ -129,11 +129,10 @@ def lightning_ft_qa(paths: dict[str, Path], epochs: int, precision: str, out: Pa
     started = time.perf_counter()
     scores = evaluator.validate(module, datamodule=datamodule, verbose=False)[0]
     eval_seconds = time.perf_counter() - started
-    references = {r["id"]: r["answers"]["text"] for r in datamodule.examples["validation"]}
     module.export(out, datamodule.tokenizer)
     return {"seconds": timer.seconds, "windows": timer.samples, "real_tokens": timer.real_tokens,
             "tokens": timer.tokens, "exact_match": scores["val/exact_match"], "f1": scores["val/f1"],
-            "official": official_scores(module.predictions["val"], references), "eval_seconds": eval_seconds}
+            "eval_seconds": eval_seconds}
 
 
 # ---- the HF run_qa.py example, written out ------------------------------------------------------------------------
@@ -282,14 +281,15 @@ class RssSampler:
         self.peak = max(self.peak, self._rss())
 
 
-def memory_child(side: str, model: str, paths: dict[str, Path], precision: str) -> dict:
-    """Evaluate ``model`` on the full dev file; what resident memory evaluation added, and its time."""
+def evaluate_model(side: str, model: str | Path, paths: dict[str, Path], split: str, precision: str) -> dict:
+    """``side``'s evaluation (lightning_ft's module, or run_qa's Trainer.predict + post-processing) of ``model`` on
+    ``split``: EM/F1, seconds, the resident memory evaluation added and the bytes kept for post-processing."""
     if side == "lightning_ft":
         import pytorch_lightning as pl
 
         overrides = ["experiment=minilm_squad", "dataset.data_dir=null", "dataset.hub_name=null",
                      f"backbone.name={model}",
-                     f"+dataset.data_files={{train: {paths['train']}, validation: {paths['full']}}}"]
+                     f"+dataset.data_files={{train: {paths['train']}, validation: {paths[split]}}}"]
         module, datamodule = lightning_ft_module(overrides, seed=42)
         evaluator = pl.Trainer(accelerator="cpu", precision=precision, logger=False, enable_progress_bar=False,
                                enable_model_summary=False)
@@ -300,28 +300,29 @@ def memory_child(side: str, model: str, paths: dict[str, Path], precision: str) 
             seconds = time.perf_counter() - started
         held = windows * (4 * N_BEST * 8 + 3 * 8)  # SpanCandidates: 4 rows of top-k plus 3 numbers a window
         return {"peak_mb": (memory.peak - memory.start) / 2**20, "seconds": seconds, "held_mb": held / 2**20,
-                "windows": windows, "f1": scores["val/f1"]}
+                "exact_match": scores["val/exact_match"], "f1": scores["val/f1"]}
     from transformers import AutoModelForQuestionAnswering, AutoTokenizer, Trainer, TrainingArguments
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     trainer = Trainer(model=AutoModelForQuestionAnswering.from_pretrained(model), args=TrainingArguments(
         output_dir=tempfile.mkdtemp(), per_device_eval_batch_size=2 * BATCH, report_to=[], use_cpu=True,
         disable_tqdm=True, bf16=precision == "bf16-mixed", dataloader_num_workers=0))
-    examples = squad_rows(paths["full"])
+    examples = squad_rows(paths[split])
     with RssSampler() as memory:
         started = time.perf_counter()
         predictions = hf_evaluate(trainer, tokenizer, examples)
         seconds = time.perf_counter() - started
     references = {r["id"]: r["answers"]["text"] for r in examples}
     return {"peak_mb": (memory.peak - memory.start) / 2**20, "seconds": seconds,
-            "held_mb": hf_evaluate.held_bytes / 2**20, "f1": official_scores(predictions, references)["f1"]}
+            "held_mb": hf_evaluate.held_bytes / 2**20, **official_scores(predictions, references)}
 
 
 def measure_memory(side: str, model: Path, folder: Path, precision: str, threads: int) -> dict:
+    """``evaluate_model`` on the whole dev file in a fresh process, so nothing earlier inflates its memory."""
     result = folder / f"memory_{side}.json"
     subprocess.run([sys.executable, __file__, "--memory-child", side, "--model", str(model), "--folder",
-                    str(folder), "--precision", precision, "--threads", str(threads), "--out", str(result)],
-                   check=True)
+                    str(folder), "--precision", "bf16" if precision == "bf16-mixed" else "fp32", "--threads",
+                    str(threads), "--out", str(result)], check=True)
     return json.loads(result.read_text())
 
 
@@ -404,6 +405,8 @@ def main() -> None:
                              "side about 30 minutes here")
     parser.add_argument("--skip", nargs="*", default=[], choices=["squad", "memory", "obqa"])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reuse", help="the folder of an earlier run (printed at its start): evaluate the models it "
+                                        "trained, with the training figures it saved, instead of training again")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     parser.add_argument("--memory-child", choices=["lightning_ft", "hf_trainer"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -414,20 +417,30 @@ def main() -> None:
     precision = "bf16-mixed" if args.precision == "bf16" else "32-true"
     if args.memory_child:
         paths = {name: Path(args.folder) / f"{name}.json" for name in ("train", "validation", "full")}
-        result = memory_child(args.memory_child, args.model, paths, precision)
+        result = evaluate_model(args.memory_child, args.model, paths, "full", precision)
         Path(args.out).write_text(json.dumps(result))
         return
 
-    folder = Path(tempfile.mkdtemp(prefix="qa_bench_"))
     limit = args.train_questions or None
-    paths = write_split(folder, limit)
+    if args.reuse:
+        folder = Path(args.reuse)
+        paths = {name: folder / f"{name}.json" for name in ("train", "validation", "full")}
+    else:
+        folder = Path(tempfile.mkdtemp(prefix="qa_bench_"))
+        paths = write_split(folder, limit)
+    print(f"run folder: {folder}", flush=True)
     lines = []
     if "squad" not in args.skip:
         runs = {}
         for side, run in (("hf_trainer", hf_trainer_qa), ("lightning_ft", lightning_ft_qa)):
-            runs[side] = run(paths, args.epochs, precision, folder / f"model_{side}")
-            print(side, {k: v for k, v in runs[side].items() if k != "official"}, flush=True)
-        ours = runs["lightning_ft"]
+            saved = folder / f"train_{side}.json"
+            if not args.reuse:
+                saved.write_text(json.dumps(run(paths, args.epochs, precision, folder / f"model_{side}")))
+            runs[side] = json.loads(saved.read_text())
+            print(side, runs[side], flush=True)
+        # Each model scored by both evaluations: separates what training did from what post-processing does.
+        cross = {(evaluator, model): evaluate_model(evaluator, folder / f"model_{model}", paths, "validation",
+                                                    precision) for evaluator in runs for model in runs}
         lines += [
             f"\nSQuAD v1.1, trained on the first {TRAIN_ARTICLES} dev articles "
             f"({f'a fixed random draw of {limit} of their 8,582' if limit else 'all 8,582'} questions), "
@@ -441,9 +454,14 @@ def main() -> None:
             lines.append(f"| {side} | {r['exact_match']:.2f} | {r['f1']:.2f} | {rate:.1f} | {rate / base:.2f} | "
                          f"{1 - r['real_tokens'] / r['tokens']:.1%} | {r['seconds'] / 60:.1f} | "
                          f"{r['eval_seconds']:.0f} |")
-        lines.append(f"\nlightning_ft's answers scored by the official script written out: EM "
-                     f"{ours['official']['exact_match']:.2f}, F1 {ours['official']['f1']:.2f} (its own metric: "
-                     f"{ours['exact_match']:.2f}, {ours['f1']:.2f}).")
+        lines += [
+            "\nEach trained model evaluated on the held-out articles by both evaluations (lightning_ft: its module, "
+            "per-window top-20 candidates, its SQuAD metric; HF: Trainer.predict, utils_qa post-processing, the "
+            "official script):\n",
+            "| model trained by | EM / F1, lightning_ft evaluation | EM / F1, HF evaluation |", "|---|---|---|",
+            *[f"| {model} | {ours['exact_match']:.2f} / {ours['f1']:.2f} | {hf['exact_match']:.2f} / {hf['f1']:.2f} |"
+              for model in runs for ours, hf in [(cross["lightning_ft", model], cross["hf_trainer", model])]],
+        ]
         if "memory" not in args.skip:
             memory = {side: measure_memory(side, folder / f"model_{side}", folder, precision, args.threads)
                       for side in runs}
@@ -473,7 +491,8 @@ def main() -> None:
         f"({datetime.date.today()})\n",
         f"Command: `{command.strip()}`  ",
         f"Machine: {environment()}  ",
-        f"Precision: {precision}. {Path(__file__).name} docstring: what each side does.",
+        f"Precision: {precision}. {Path(__file__).name} docstring: what each side does."
+        + (f" Training figures and models: the earlier run in {folder} (--reuse)." if args.reuse else ""),
         *lines,
         "",
     ])
