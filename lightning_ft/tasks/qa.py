@@ -168,8 +168,8 @@ class QuestionAnsweringData(TaskDataModule):
                 if aligned != start:
                     problems["answer_moved"].append(qid)
                     break
-        lengths = self.tokenizer(list(data[self.question_column]), add_special_tokens=False)["input_ids"]
-        problems["question_cut"] = [qid for qid, ids_ in zip(ids, lengths) if len(ids_) > self.max_question_length]
+        _, cut = self._questions(list(data[self.question_column]))
+        problems["question_cut"] = [qid for qid, was_cut in zip(ids, cut) if was_cut]
         self.problems[split] = {kind: found for kind, found in problems.items() if found}
         notes = {
             "answer_moved": "answers not found at answer_start, moved to the nearest occurrence of their text",
@@ -186,17 +186,18 @@ class QuestionAnsweringData(TaskDataModule):
                 "max_question_length": self.max_question_length,
                 "columns": self.required_columns("train")}
 
-    def _question(self, text: str) -> str:
+    def _questions(self, texts: list[str]) -> tuple[list[str], list[bool]]:
+        """The questions as windows take them, cut to ``max_question_length`` tokens, and which were cut."""
         # Leading spaces would only take room in the window (the HF example strips them too).
-        text = text.lstrip()
-        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        if len(encoding["input_ids"]) <= self.max_question_length:
-            return text
-        return text[: encoding["offset_mapping"][self.max_question_length - 1][1]]
+        texts = [text.lstrip() for text in texts]
+        offsets = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        cut = [len(o) > self.max_question_length for o in offsets]
+        return [text[: o[self.max_question_length - 1][1]] if was_cut else text
+                for text, o, was_cut in zip(texts, offsets, cut)], cut
 
     def encode(self, batch: dict[str, list]) -> dict[str, list]:
         contexts = batch[self.context_column]
-        questions = [self._question(q) for q in batch[self.question_column]]
+        questions, _ = self._questions(batch[self.question_column])
         encoding, windows = tokenize_windows(self.tokenizer, questions, contexts, self.max_length, self.doc_stride)
         out: dict[str, list] = {key: [] for key in (*encoding.keys(), *WINDOW_COLUMNS, "start_positions",
                                                     "end_positions")}
@@ -246,17 +247,13 @@ class QuestionAnsweringData(TaskDataModule):
         # A gold answer wider than any window (a long answer, a short max_length) gets only CLS labels: say so.
         labelled = set(windows.loc[windows["start_positions"] != windows["cls_index"], EXAMPLE_INDEX])
         raw = self.examples[split]
-        answerable = [i for i, a in zip(raw[EXAMPLE_INDEX], raw[self.answers_column]) if a["text"]]
-        missing = sorted(set(answerable) - labelled - {int(i) for i in self._not_in_context_indices(raw)})
-        if missing:
-            ids = [str(raw[int(i)][self.id_column]) for i in missing]
+        unfindable = set(self.problems.get(split, {}).get("answer_not_in_context", []))  # left out, said already
+        ids = [str(qid) for i, qid, answers in zip(raw[EXAMPLE_INDEX], raw[self.id_column], raw[self.answers_column])
+               if answers["text"] and i not in labelled and str(qid) not in unfindable]
+        if ids:
             self.problems.setdefault(split, {})["answer_outside_every_window"] = ids
             log.warning("%s split: %d answers lie in no single window (raise max_length or doc_stride); they train "
                         "as 'no answer': %s", split, len(ids), _ids(ids))
-
-    def _not_in_context_indices(self, raw: Any) -> list[int]:
-        bad = set(self.problems.get("train", {}).get("answer_not_in_context", []))
-        return [i for i, qid in zip(raw[EXAMPLE_INDEX], raw[self.id_column]) if str(qid) in bad]
 
     @property
     def preparation(self) -> dict[str, Any]:
