@@ -91,18 +91,52 @@ def load_model(
     model_type: str | None = None,
     config_overrides: dict | None = None,
     tokenizer: str | None = None,
+    train_tokenizer: dict | None = None,
     **task_config: Any,
 ):
     """Load ``auto_class`` (e.g. ``AutoModelForSequenceClassification``) pretrained, or fresh from its config.
 
-    ``task_config`` (``num_labels``, ``id2label``, ``problem_type``...) is set on the model config.
+    ``task_config`` (``num_labels``, ``id2label``, ``problem_type``...) is set on the model config. A fresh model
+    gets its vocabulary size and special token ids from ``tokenizer`` (e.g. one trained by ``train_tokenizer``).
     """
     config = load_config(name, model_type, config_overrides, **task_config)
-    if pretrained and name:
-        if config_overrides:
-            raise UserError(
-                "backbone.config_overrides change the architecture, which a pretrained checkpoint cannot load: "
-                "set backbone.pretrained=false to build a fresh model, or remove the overrides."
-            )
-        return auto_class.from_pretrained(resolve_name(name), config=config)
-    return auto_class.from_config(config)
+    try:
+        if pretrained and name:
+            if config_overrides:
+                raise UserError(
+                    "backbone.config_overrides change the architecture, which a pretrained checkpoint cannot load: "
+                    "set backbone.pretrained=false to build a fresh model, or remove the overrides."
+                )
+            return auto_class.from_pretrained(resolve_name(name), config=config)
+        if tokenizer:
+            match_tokenizer(config, load_tokenizer(tokenizer=tokenizer))
+        return auto_class.from_config(config)
+    except ValueError as err:
+        if "Unrecognized configuration class" not in str(err):
+            raise
+        kind = "an encoder-decoder" if "Seq2Seq" in auto_class.__name__ else "a suitable"
+        raise UserError(
+            f"backbone '{name or model_type}' is a {config.model_type} model, which {auto_class.__name__} cannot "
+            f"build: this task needs {kind} model (e.g. T5, BART, Marian, mBART for seq2seq). Pick another backbone."
+        ) from err
+
+
+def match_tokenizer(config: Any, tokenizer: Any) -> None:
+    """Give a fresh model's config the tokenizer's vocabulary size and special token ids.
+
+    Each ``*_token_id`` field keeps its role: T5 starts decoding with the pad token and BART with the eos token, so
+    a decoder start id that was the model type's pad id becomes the tokenizer's pad id, and so on.
+    """
+    roles = {"pad": tokenizer.pad_token_id, "eos": tokenizer.eos_token_id, "bos": tokenizer.bos_token_id}
+    old = {role: getattr(config, f"{role}_token_id", None) for role in roles}
+    for field in ("decoder_start_token_id", "forced_bos_token_id", "forced_eos_token_id"):
+        value = getattr(config, field, None)
+        role = next((r for r, v in old.items() if v is not None and v == value), None)
+        if role is not None and roles[role] is not None:
+            setattr(config, field, roles[role])
+    for role, value in roles.items():
+        if value is not None:
+            setattr(config, f"{role}_token_id", value)
+    if getattr(config, "is_encoder_decoder", False) and getattr(config, "decoder_start_token_id", None) is None:
+        config.decoder_start_token_id = tokenizer.pad_token_id  # T5's and Marian's convention (T5 leaves it unset)
+    config.vocab_size = len(tokenizer)

@@ -240,8 +240,8 @@ class TaskDataModule(pl.LightningDataModule):
                 f"{err.__cause__ or err}. Fix the file or dataset.reader_kwargs."
             ) from err
 
-    def load_raw(self) -> dict[str, Any]:
-        """The raw splits as ``datasets.Dataset`` objects, keyed ``train``/``validation``/``test``."""
+    def read_splits(self) -> dict[str, Any]:
+        """The splits the source holds (local files or the hub), as ``datasets.Dataset`` objects."""
         import datasets
 
         if self.data_dir or (self.data_files and not self.hub_name):
@@ -261,6 +261,12 @@ class TaskDataModule(pl.LightningDataModule):
                     raw[split] = loaded[source].rename_columns(self.hub_rename) if self.hub_rename else loaded[source]
         else:
             raise UserError("the dataset has no source: set dataset.data_dir (local files) or dataset.hub_name.")
+        return raw
+
+    def load_raw(self) -> dict[str, Any]:
+        """The raw splits, keyed ``train``/``validation``/``test``: validation held out of train when asked
+        (``val_fraction``), and cut to ``max_train_examples``/``max_eval_examples``."""
+        raw = self.read_splits()
         if "train" not in raw:
             raise UserError("the dataset has no train split: add dataset.data_files.train (or a train.* file).")
         if "validation" not in raw and self.val_fraction:

@@ -21,6 +21,11 @@ from lightning_ft.optim import parameter_groups
 STAGES = ("val", "test")
 
 
+def rows_of_rank(total: int, world_size: int, rank: int) -> int:
+    """Rows of a ``total``-row split that ``DistributedSampler(shuffle=False)`` gives ``rank`` before padding."""
+    return len(range(rank, total, world_size))
+
+
 class TaskModule(pl.LightningModule):
     """Shared machinery of every task: backbone loading, AdamW groups, warmup schedules, corpus-level metrics.
 
@@ -89,6 +94,24 @@ class TaskModule(pl.LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step("test", batch)
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_rows_seen = 0
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_rows_seen = 0
+
+    def own_rows(self, stage: str, count: int) -> int:
+        """How many of this evaluation batch's ``count`` rows are this rank's share of the split, not the repeats
+        that Lightning's ``DistributedSampler`` appends so every rank gets as many rows (they come last on a rank).
+        A metric fed only these rows counts each example exactly once under DDP."""
+        seen, self._eval_rows_seen = self._eval_rows_seen, self._eval_rows_seen + count
+        world = self.trainer.world_size
+        if world == 1:
+            return count
+        loader = self.trainer.val_dataloaders if stage == "val" else self.trainer.test_dataloaders
+        own = rows_of_rank(len(loader.dataset), world, self.trainer.global_rank)
+        return max(0, min(count, own - seen))
 
     def _log_epoch_metrics(self, stage: str) -> None:
         # Metric states are summed over the whole split (and synced across ranks) before compute: corpus level.
