@@ -91,6 +91,33 @@ def main() -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("\n".join(rng.sample([ln for ln in lines if ln.strip()], count)) + "\n", encoding="utf-8")
 
+    # Multi30k task 1 (no licence stated; research/education use, cited in README.md): German-English parallel text,
+    # a sentence a line. Train: a random draw from train; validation from val; test from test_2016_flickr.
+    import gzip
+
+    multi30k = SHARED / "multi30k"
+    for split, source, count in (("train", "train", 2000), ("validation", "val", 200),
+                                 ("test", "test_2016_flickr", 200)):
+        texts = {}
+        for lang in ("de", "en"):
+            with gzip.open(multi30k / f"{source}.{lang}.gz", "rt", encoding="utf-8") as handle:
+                texts[lang] = handle.read().splitlines()
+        picked = sorted(rng.sample(range(len(texts["de"])), count))
+        for lang, lines in texts.items():
+            path = OUT / f"multi30k/{split}.{lang}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(lines[i] + "\n" for i in picked), encoding="utf-8")
+
+    # SciTLDR-A (Apache-2.0): abstracts (a list of sentences) and their TLDRs (one in train, several in dev/test).
+    for split, source, count in (("train", "train", 300), ("validation", "dev", 60), ("test", "test", 60)):
+        rows = [json.loads(ln) for ln in (SHARED / f"scitldr/{source}.jsonl").read_text(encoding="utf-8").splitlines()
+                if ln.strip()]
+        picked = [rows[i] for i in sorted(rng.sample(range(len(rows)), count))]
+        path = OUT / f"scitldr/{split}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps({k: r[k] for k in ("paper_id", "source", "target")}, ensure_ascii=False)
+                                + "\n" for r in picked), encoding="utf-8")
+
 
 if __name__ == "__main__":
     main()

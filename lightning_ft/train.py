@@ -63,10 +63,30 @@ def train(cfg: DictConfig) -> float | None:
     run_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)
 
-    tokenizer = load_tokenizer(**cfg.backbone)
-    datamodule = instantiate(cfg.dataset, tokenizer=tokenizer, seed=cfg.seed, _convert_="all")
+    if cfg.backbone.get("train_tokenizer"):
+        # A model built from a config gets a tokenizer trained on the training text, saved in the run directory (the
+        # checkpoint's backbone points at it) and exported with the model.
+        from lightning_ft.tokenizer_training import train_tokenizer
+
+        datamodule = instantiate(cfg.dataset, tokenizer=None, seed=cfg.seed, _convert_="all")
+        tokenizer = train_tokenizer(datamodule.training_texts(), **cfg.backbone.train_tokenizer)
+        tokenizer.save_pretrained(run_dir / "tokenizer")
+        datamodule.tokenizer = tokenizer
+        with open_dict(cfg):
+            cfg.backbone.tokenizer = str(run_dir / "tokenizer")
+        log.info("Trained a %s tokenizer of %d tokens on the training text: %s", cfg.backbone.train_tokenizer.get(
+            "algorithm", "unigram"), len(tokenizer), run_dir / "tokenizer")
+    else:
+        tokenizer = load_tokenizer(**cfg.backbone)
+        datamodule = instantiate(cfg.dataset, tokenizer=tokenizer, seed=cfg.seed, _convert_="all")
     datamodule.prepare_data()  # checks columns and labels and tokenizes (or reads the cache) before any model
     module = build_task(cfg, datamodule)
+    embeddings = module.model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > embeddings:
+        raise UserError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only {embeddings}: give "
+            "backbone.tokenizer the model's own tokenizer, or build the model fresh (backbone.pretrained=false)."
+        )
 
     metric, mode = module.monitor
     with open_dict(cfg):
@@ -101,7 +121,8 @@ def train(cfg: DictConfig) -> float | None:
         best_score = checkpoint.best_model_score if checkpoint else None
         results["best_score"] = float(best_score) if best_score is not None else None
     # Every reported number describes the same weights: the ones that are tested and exported.
-    results["validation"] = {k: float(v) for k, v in trainer.validate(module, datamodule=datamodule)[0].items()}
+    validated = trainer.validate(module, datamodule=datamodule)  # [] when trainer.limit_val_batches=0
+    results["validation"] = {k: float(v) for k, v in (validated or [{}])[0].items()}
     if cfg.test and datamodule.has_split("test"):
         results["test"] = {k: float(v) for k, v in trainer.test(module, datamodule=datamodule)[0].items()}
 
@@ -111,6 +132,8 @@ def train(cfg: DictConfig) -> float | None:
             path = run_dir / f"predictions_{stage}.json"
             path.write_text(json.dumps(answers, indent=1, ensure_ascii=False))
             results.setdefault("predictions", {})[stage] = str(path)
+        if getattr(module, "examples", None):
+            results["examples"] = module.examples
         if cfg.export and not trainer.fast_dev_run:
             results["export_dir"] = str(module.export(run_dir / "hf_model", datamodule.tokenizer))
         (run_dir / "metrics.json").write_text(json.dumps(results, indent=2))
@@ -153,6 +176,14 @@ def _print_summary(results: dict[str, Any], run_dir: Path) -> None:
             cells = [f"{values[c]:.0f}" if c == "support" else f"{values[c]:.4f}" for c in columns if c in values]
             per_group.add_row(group, *cells)
         console.print(per_group)
+    for stage, examples in results.get("examples", {}).items():
+        shown = Table(title=f"{stage}: example generations", show_lines=True)
+        for column in ("row", "source", "prediction", "reference"):
+            shown.add_column(column)
+        for example in examples:
+            cells = (example["source"], example["prediction"], example["references"][0])
+            shown.add_row(str(example["row"]), *(c if len(c) <= 200 else c[:197] + "..." for c in cells))
+        console.print(shown)
     speed = results.get("throughput")
     if speed:
         console.print(
@@ -169,7 +200,7 @@ def _print_summary(results: dict[str, Any], run_dir: Path) -> None:
         console.print(f"Data: {done} in {data['tokenize_seconds']:.1f} s.")
         for split, counts in data.get("problems", {}).items():
             found = ", ".join(f"{count} {kind.replace('_', ' ')}" for kind, count in counts.items())
-            console.print(f"Data problems in {split} (ids in the log above): {found}.")
+            console.print(f"Data problems in {split} (details in the log above): {found}.")
     if results.get("export_dir"):
         console.print(f"Hugging Face model: {results['export_dir']}")
 
