@@ -1,0 +1,249 @@
+"""Translation from scratch: lightning_ft against an equivalent Hugging Face ``Seq2SeqTrainer`` script, in one run.
+
+Multi30k German->English (../shared/data/multi30k: 29,000 train pairs, test_2016_flickr 1,000). One Unigram tokenizer
+of 8,000 tokens is trained on the training text (source and target) by ``lightning_ft.tokenizer_training`` and both
+sides use it. Both build the same small T5 from a config (``conf/backbone/t5_small_scratch.yaml``: 3+3 layers, 256
+wide) with seed 42, and train it with the same data, batch (64), steps (``--epochs`` epochs), AdamW (lr 1e-3, weight
+decay 0.01, none on biases and norms), linear schedule with 5% warmup, clipping at 1.0, max lengths 128, bf16 autocast,
+and no evaluation inside the timed training.
+
+- HF side: the ``run_translation.py`` recipe written out: its ``preprocess_function``, ``DataCollatorForSeq2Seq``
+  (dynamic padding, labels padded with -100), ``Seq2SeqTrainer`` with ``predict_with_generate``; the run_translation
+  defaults otherwise (no length grouping). Its test generation runs in fp32: the Trainer applies bf16 autocast to
+  training only (``bf16_full_eval`` would cast the whole model to bf16 instead).
+- lightning_ft side: ``experiment=t5_multi30k`` (``task=translation``, length-grouped batches), trained by a Lightning
+  Trainer; test generation by ``trainer.test`` under the run's bf16 autocast, and again in fp32 for a like-for-like
+  generation speed.
+
+Both generate the test split with beam search (4 beams, at most 48 new tokens) and are scored by sacreBLEU on the raw
+reference text. Train throughput: pairs/s and real (non-padding) source+target tokens/s over the timed training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gzip
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import sacrebleu  # noqa: E402
+import torch  # noqa: E402
+from common import ROOT, append_report, environment, hf_timer, lightning_ft_module, lightning_timer  # noqa: E402
+
+MULTI30K = ROOT.parent / "shared" / "data" / "multi30k"
+SPLITS = {"train": "train", "validation": "val", "test": "test_2016_flickr"}
+BATCH, LR, DECAY, WARMUP, MAX_LEN, BEAMS, MAX_NEW, VOCAB = 64, 1e-3, 0.01, 0.05, 128, 4, 48, 8000
+
+
+def read_split(name: str, limit: int | None = None) -> tuple[list[str], list[str]]:
+    texts = []
+    for lang in ("de", "en"):
+        with gzip.open(MULTI30K / f"{SPLITS[name]}.{lang}.gz", "rt", encoding="utf-8") as handle:
+            texts.append([line.rstrip("\n") for line in handle][:limit])
+    return texts[0], texts[1]
+
+
+def t5_overrides() -> dict:
+    from omegaconf import OmegaConf
+
+    return dict(OmegaConf.load(ROOT / "conf" / "backbone" / "t5_small_scratch.yaml").config_overrides)
+
+
+def real_tokens(batch) -> tuple[int, int]:
+    """Non-padding tokens of a batch (source + target) and all tokens, padding included."""
+    labels = batch["labels"]
+    real = int(batch["attention_mask"].sum()) + int((labels != -100).sum())
+    return real, batch["input_ids"].numel() + labels.numel()
+
+
+def lightning_ft_translation(tokenizer_dir: Path, data_dir: Path, epochs: int) -> dict:
+    import pytorch_lightning as pl
+
+    overrides = ["experiment=t5_multi30k", f"dataset.data_dir={data_dir}", f"backbone.tokenizer={tokenizer_dir}",
+                 "~backbone.train_tokenizer", f"dataset.batch_size={BATCH}", f"optim.lr={LR}",
+                 f"optim.weight_decay={DECAY}", f"scheduler.warmup_ratio={WARMUP}",
+                 f"dataset.max_source_length={MAX_LEN}", f"dataset.max_target_length={MAX_LEN}",
+                 f"task.num_beams={BEAMS}", f"task.max_new_tokens={MAX_NEW}"]
+    module, datamodule = lightning_ft_module(overrides, seed=42)
+    counts = {"real": 0, "all": 0}
+
+    class Tokens(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            real, every = real_tokens(batch)
+            counts["real"] += real
+            counts["all"] += every
+
+    timer = lightning_timer()
+    trainer = pl.Trainer(accelerator="cpu", devices=1, precision="bf16-mixed", max_epochs=epochs,
+                         gradient_clip_val=1.0, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[timer, Tokens()])
+    trainer.fit(module, datamodule=datamodule)
+    result = {"seconds": timer.seconds, "samples": timer.samples, "real_tokens": counts["real"],
+              "tokens": counts["all"], "steps": trainer.global_step}
+    for precision in ("bf16-mixed", "32-true"):
+        evaluator = pl.Trainer(accelerator="cpu", devices=1, precision=precision, logger=False,
+                               enable_progress_bar=False, enable_model_summary=False)
+        started = time.perf_counter()
+        scores = evaluator.test(module, datamodule=datamodule, verbose=False)[0]
+        seconds = time.perf_counter() - started
+        rows = list(module.predictions["test"].values())
+        result[precision] = {
+            "generate_seconds": seconds, "sentences": len(rows), "own_bleu": scores["test/bleu"],
+            "bleu": sacrebleu.corpus_bleu([r["prediction"] for r in rows], [[r["references"][0] for r in rows]]).score,
+            "sample": rows[0],
+        }
+    return result
+
+
+def hf_seq2seq_trainer(tokenizer_dir: Path, epochs: int, out: Path, train_pairs: int | None) -> dict:
+    import datasets
+    import numpy as np
+    from transformers import (
+        AutoConfig,
+        AutoModelForSeq2SeqLM,
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        Seq2SeqTrainer,
+        Seq2SeqTrainingArguments,
+        set_seed,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    set_seed(42)
+    config = AutoConfig.for_model("t5", **t5_overrides())
+    # What a user writes for a fresh model and its own tokenizer (lightning_ft.backbones.match_tokenizer does this).
+    config.vocab_size = len(tokenizer)
+    config.pad_token_id = config.decoder_start_token_id = tokenizer.pad_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    model = AutoModelForSeq2SeqLM.from_config(config)
+    model.generation_config.update(num_beams=BEAMS, max_new_tokens=MAX_NEW)
+
+    def preprocess(batch):  # run_translation.py's preprocess_function
+        inputs = tokenizer(batch["de"], max_length=MAX_LEN, truncation=True)
+        inputs["labels"] = tokenizer(text_target=batch["en"], max_length=MAX_LEN, truncation=True)["input_ids"]
+        return inputs
+
+    def dataset(split: str):
+        de, en = read_split(split, train_pairs if split == "train" else None)
+        raw = datasets.Dataset.from_dict({"de": de, "en": en})
+        return raw.map(preprocess, batched=True, remove_columns=["de", "en"]), en
+
+    train, _ = dataset("train")
+    test, references = dataset("test")
+    collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100)
+    counts = {"samples": 0, "real": 0, "all": 0}
+    timer = hf_timer(counts)
+
+    def collate(features):
+        batch = collator(features)
+        if model.training:
+            real, every = real_tokens(batch)
+            counts["samples"] += len(features)
+            counts["real"] += real
+            counts["all"] += every
+        return batch
+
+    args = Seq2SeqTrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=BATCH, per_device_eval_batch_size=2 * BATCH,
+        learning_rate=LR, weight_decay=DECAY, max_grad_norm=1.0, num_train_epochs=epochs, lr_scheduler_type="linear",
+        warmup_steps=WARMUP, logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[],
+        use_cpu=True, seed=42, dataloader_num_workers=0, disable_tqdm=True, bf16=True, predict_with_generate=True,
+    )
+    trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=train, data_collator=collate,
+                             processing_class=tokenizer, callbacks=[timer])
+    trainer.train()
+    started = time.perf_counter()
+    output = trainer.predict(test, num_beams=BEAMS, max_new_tokens=MAX_NEW)
+    seconds = time.perf_counter() - started
+    ids = np.where(output.predictions != -100, output.predictions, tokenizer.pad_token_id)
+    texts = [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    return {"seconds": timer.seconds, "samples": timer.counts["samples"], "real_tokens": timer.counts["real"],
+            "tokens": timer.counts["all"], "steps": trainer.state.global_step,
+            "fp32": {"generate_seconds": seconds, "sentences": len(texts),
+                     "bleu": sacrebleu.corpus_bleu(texts, [references]).score,
+                     "sample": {"prediction": texts[0], "references": [references[0]]}}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=5, help="5 take the HF side about 32 minutes here")
+    parser.add_argument("--train-pairs", type=int, default=None, help="use the first N training pairs (smoke runs)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from lightning_ft.tokenizer_training import train_tokenizer
+
+    folder = Path(tempfile.mkdtemp(prefix="seq2seq_bench_"))
+    print(f"run folder: {folder}", flush=True)
+    # The data both sides read: Multi30k as parallel files (cut to --train-pairs for smoke runs).
+    data_dir = folder / "multi30k"
+    data_dir.mkdir()
+    for split in SPLITS:
+        de, en = read_split(split, args.train_pairs if split == "train" else None)
+        for lang, lines in (("de", de), ("en", en)):
+            (data_dir / f"{SPLITS[split]}.{lang}").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    de, en = read_split("train", args.train_pairs)
+    tokenizer = train_tokenizer(de + en, algorithm="unigram", vocab_size=VOCAB)
+    tokenizer.save_pretrained(folder / "tokenizer")
+
+    runs = {}
+    for side, run in (("hf_trainer", lambda: hf_seq2seq_trainer(folder / "tokenizer", args.epochs, folder / "hf",
+                                                                  args.train_pairs)),
+                      ("lightning_ft", lambda: lightning_ft_translation(folder / "tokenizer", data_dir, args.epochs))):
+        runs[side] = run()
+        (folder / f"{side}.json").write_text(json.dumps(runs[side], indent=1, ensure_ascii=False))
+        print(side, json.dumps(runs[side], ensure_ascii=False), flush=True)
+
+    hf, ours = runs["hf_trainer"], runs["lightning_ft"]
+    base_rate, base_tokens = hf["samples"] / hf["seconds"], hf["real_tokens"] / hf["seconds"]
+    base_generation = hf["fp32"]["sentences"] / hf["fp32"]["generate_seconds"]
+    lines = [
+        f"\nMulti30k de->en, {ours['samples'] // args.epochs:,} training pairs, {args.epochs} epochs "
+        f"({ours['steps']} / {hf['steps']} steps); test_2016_flickr ({hf['fp32']['sentences']:,} sentences), beam "
+        f"{BEAMS}, at most {MAX_NEW} new tokens:\n",
+        "| run | test BLEU | train pairs/s | real tokens/s | ratio | padding | train minutes | "
+        "test generation (sentences/s, precision) | ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for side, r in runs.items():
+        rate, tokens = r["samples"] / r["seconds"], r["real_tokens"] / r["seconds"]
+        generations = [(p, r[p]) for p in ("bf16-mixed", "32-true", "fp32") if p in r]
+        for i, (precision, g) in enumerate(generations):
+            speed = g["sentences"] / g["generate_seconds"]
+            padding = 1 - r["real_tokens"] / r["tokens"]
+            training = (f"{rate:.1f} | {tokens:.0f} | {tokens / base_tokens:.2f} | {padding:.1%} | "
+                        f"{r['seconds'] / 60:.1f}") if i == 0 else " | | | |"
+            lines.append(f"| {side} | {g['bleu']:.2f} | {training} | {speed:.1f} ({precision}) | "
+                         f"{speed / base_generation:.2f} |")
+    lines.append(f"\nlightning_ft's own test/bleu metric: {ours['bf16-mixed']['own_bleu']:.2f} (bf16) / "
+                 f"{ours['32-true']['own_bleu']:.2f} (fp32), against sacreBLEU on its predictions: "
+                 f"{ours['bf16-mixed']['bleu']:.2f} / {ours['32-true']['bleu']:.2f}. Train pairs/s ratio: "
+                 f"{ours['samples'] / ours['seconds'] / base_rate:.2f}. First test sentence: HF "
+                 f"\"{hf['fp32']['sample']['prediction']}\"; lightning_ft "
+                 f"\"{ours['bf16-mixed']['sample']['prediction']}\"; reference "
+                 f"\"{hf['fp32']['sample']['references'][0]}\".")
+    command = "python benchmarks/seq2seq_vs_hf.py " + " ".join(sys.argv[1:])
+    report = "\n".join([
+        f"\n## Translation from scratch (Multi30k de->en, small T5) vs the HF Seq2SeqTrainer "
+        f"({datetime.date.today()})\n",
+        f"Command: `{command.strip()}`  ",
+        f"Machine: {environment()}  ",
+        f"{Path(__file__).name} docstring: what each side does. HF ran first, then lightning_ft, one seed.",
+        *lines,
+        "",
+    ])
+    append_report(args.results, report)
+
+
+if __name__ == "__main__":
+    main()
