@@ -45,13 +45,62 @@ def build_task(cfg: DictConfig, datamodule: Any) -> Any:
     )
 
 
+def _tokenizer_and_data(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any]:
+    """The tokenizer and the DataModule. A backbone built from a config with ``train_tokenizer`` gets a tokenizer
+    trained on the training text, saved in ``<run_dir>/tokenizer`` (the checkpoint's backbone points at it, and the
+    export copies it); a resumed or tested checkpoint, or a run directory that has one already (another DDP rank),
+    reuses it, since Unigram training is not deterministic."""
+    from hydra.utils import instantiate
+
+    from lightning_ft.backbones import load_tokenizer
+
+    spec = cfg.backbone.get("train_tokenizer")
+    if not spec:
+        tokenizer = load_tokenizer(**cfg.backbone)
+        return tokenizer, instantiate(cfg.dataset, tokenizer=tokenizer, seed=cfg.seed, _convert_="all")
+    datamodule = instantiate(cfg.dataset, tokenizer=None, seed=cfg.seed, _convert_="all")
+    saved = run_dir / "tokenizer"
+    source = _checkpoint_tokenizer(cfg.ckpt_path) or (saved if (saved / "tokenizer_config.json").is_file() else None)
+    if source:
+        tokenizer = load_tokenizer(tokenizer=str(source))
+        log.info("Using the tokenizer trained for this model: %s", source)
+    else:
+        from lightning_ft.tokenizer_training import train_tokenizer
+
+        tokenizer = train_tokenizer(datamodule.training_texts(), **spec)
+        log.info("Trained a %s tokenizer of %d tokens on the training text: %s", spec.get("algorithm", "unigram"),
+                 len(tokenizer), saved)
+    if source != saved:
+        tokenizer.save_pretrained(saved)
+    with open_dict(cfg):
+        cfg.backbone.tokenizer = str(saved)
+    datamodule.tokenizer = tokenizer
+    return tokenizer, datamodule
+
+
+def _checkpoint_tokenizer(ckpt_path: str | None) -> Path | None:
+    """The trained tokenizer a checkpoint's model was built with, when it still exists."""
+    if not ckpt_path:
+        return None
+    import torch
+
+    try:
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # torch raises many types for a file that is not a checkpoint
+        raise UserError(f"ckpt_path '{ckpt_path}' is not a readable checkpoint ({type(err).__name__}: {err}).") from err
+    folder = (saved.get("hyper_parameters", {}).get("backbone") or {}).get("tokenizer")
+    if folder and not Path(folder).is_dir():
+        raise UserError(f"the checkpoint's model was built for the tokenizer in '{folder}', which no longer exists: "
+                        "restore that folder (its run directory's tokenizer/) to use this checkpoint.")
+    return Path(folder) if folder else None
+
+
 def train(cfg: DictConfig) -> float | None:
     """Run one training job; returns the best value of the monitored metric (what a sweep optimizes)."""
     import pytorch_lightning as pl
     import torch
     from hydra.utils import instantiate
 
-    from lightning_ft.backbones import load_tokenizer
     from lightning_ft.throughput import ThroughputMonitor, resolve_precision
 
     if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
@@ -63,22 +112,7 @@ def train(cfg: DictConfig) -> float | None:
     run_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)
 
-    if cfg.backbone.get("train_tokenizer"):
-        # A model built from a config gets a tokenizer trained on the training text, saved in the run directory (the
-        # checkpoint's backbone points at it) and exported with the model.
-        from lightning_ft.tokenizer_training import train_tokenizer
-
-        datamodule = instantiate(cfg.dataset, tokenizer=None, seed=cfg.seed, _convert_="all")
-        tokenizer = train_tokenizer(datamodule.training_texts(), **cfg.backbone.train_tokenizer)
-        tokenizer.save_pretrained(run_dir / "tokenizer")
-        datamodule.tokenizer = tokenizer
-        with open_dict(cfg):
-            cfg.backbone.tokenizer = str(run_dir / "tokenizer")
-        log.info("Trained a %s tokenizer of %d tokens on the training text: %s", cfg.backbone.train_tokenizer.get(
-            "algorithm", "unigram"), len(tokenizer), run_dir / "tokenizer")
-    else:
-        tokenizer = load_tokenizer(**cfg.backbone)
-        datamodule = instantiate(cfg.dataset, tokenizer=tokenizer, seed=cfg.seed, _convert_="all")
+    tokenizer, datamodule = _tokenizer_and_data(cfg, run_dir)
     datamodule.prepare_data()  # checks columns and labels and tokenizes (or reads the cache) before any model
     module = build_task(cfg, datamodule)
     embeddings = module.model.get_input_embeddings().num_embeddings

@@ -15,7 +15,9 @@ SHARED = ROOT.parent / "shared" / "data"
 LOCAL_DATA = {"sst2": SHARED / "glue_sst2", "stsb": SHARED / "glue_stsb", "conll2003": SHARED / "conll2003",
               "wnut17": SHARED / "wnut17", "stsb_similarity": SHARED / "glue_stsb",
               "squad": sample_dir("squad"),  # only the SQuAD dev file is on this machine: the embedded sample
-              "openbookqa": SHARED / "openbookqa" / "main"}
+              "openbookqa": SHARED / "openbookqa" / "main", "multi30k": SHARED / "multi30k",
+              "scitldr": SHARED / "scitldr"}
+SEQ2SEQ_TASKS = {"translation", "summarization"}
 # Composed but not instantiated here: they need something this machine does not have.
 NEEDS_EXTRA = {("logger", "tensorboard"): "the tensorboard package", ("trainer", "gpu"): "a GPU"}
 
@@ -54,7 +56,9 @@ def test_every_experiment_runs_with_a_tiny_model(tmp_path, experiment):
     text = (config_dir() / "experiment" / f"{experiment}.yaml").read_text()
     dataset = next(line.split(":")[1].strip() for line in text.splitlines() if "override /dataset" in line)
     assert dataset in LOCAL_DATA, f"add where the {dataset} data lives to LOCAL_DATA"
-    overrides = [f"experiment={experiment}", *QUICK, f"dataset.data_dir={LOCAL_DATA[dataset]}",
+    task = next((line.split(":")[1].strip() for line in text.splitlines() if "override /task" in line), None)
+    quick = QUICK if task not in SEQ2SEQ_TASKS else [o.replace("tiny_bert", "tiny_t5") for o in QUICK]
+    overrides = [f"experiment={experiment}", *quick, f"dataset.data_dir={LOCAL_DATA[dataset]}",
                  "+dataset.max_train_examples=200", "+dataset.max_eval_examples=100"]
     cfg = compose_config(overrides, tmp_path)
     assert cfg.run_name == experiment  # the experiment's own keys win over train.yaml's

@@ -11,7 +11,9 @@ from conftest import MINILM, QUICK, ROOT, compose_config, write_tsv
 from lightning_ft.backbones import load_tokenizer
 from lightning_ft.paths import sample_dir
 from lightning_ft.tasks.qa import QuestionAnsweringTask
+from lightning_ft.tasks.seq2seq import TranslationTask
 from lightning_ft.tasks.similarity import SimilarityTask
+from lightning_ft.tokenizer_training import train_tokenizer
 
 README = (ROOT / "README.md").read_text()
 SHARED = ROOT.parent / "shared" / "data"
@@ -54,9 +56,23 @@ def placeholders(tmp_path_factory, tiny_pretrained):
     qa_export = tmp_path_factory.mktemp("qa_export")
     QuestionAnsweringTask(backbone={"name": MINILM, "pretrained": False, "config_overrides": tiny}).export(
         qa_export, load_tokenizer(MINILM))
+    seq2seq = tmp_path_factory.mktemp("user_seq2seq")
+    rows = [{"document": f"A long text number {i} about {t}.", "summary": f"About {t}."} for i in range(12)
+            for t in topics]
+    for split, part in (("train", rows[:48]), ("validation", rows[48:])):
+        (seq2seq / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    translation = tmp_path_factory.mktemp("translation_export")
+    texts = (sample_dir("multi30k") / "train.de").read_text().splitlines()
+    tokenizer = train_tokenizer(texts + (sample_dir("multi30k") / "train.en").read_text().splitlines(),
+                                vocab_size=300)
+    tokenizer.save_pretrained(translation)
+    TranslationTask(backbone={"name": None, "pretrained": False, "model_type": "t5", "tokenizer": str(translation),
+                              "config_overrides": {"d_model": 32, "d_kv": 16, "d_ff": 64, "num_layers": 1,
+                                                   "num_heads": 2}}, max_new_tokens=8).export(translation, tokenizer)
     return {"<your data dir>": str(data), "<model dir>": tiny_pretrained, "<exported dir>": tiny_pretrained,
             "<your pairs dir>": str(pairs), "<exported similarity dir>": str(similarity),
-            "<your squad dir>": str(squad), "<your squad v2 dir>": str(squad_v2), "<exported qa dir>": str(qa_export)}
+            "<your squad dir>": str(squad), "<your squad v2 dir>": str(squad_v2), "<exported qa dir>": str(qa_export),
+            "<your seq2seq dir>": str(seq2seq), "<exported translation dir>": str(translation)}
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +115,9 @@ def test_readme_train_command_runs(command, tmp_path, placeholders):
         assert result.returncode == 0 and "task:" in result.stdout
         return
     if not any(a.startswith(("backbone=", "backbone.name=")) for a in args):
-        args.append("backbone=tiny_bert")
+        seq2seq = any(a in args for a in ("task=translation", "task=summarization")) or any(
+            a.startswith("experiment=t5_") for a in args)
+        args.append("backbone=tiny_t5" if seq2seq else "backbone=tiny_bert")
     if not any(a.startswith("debug=") for a in args):
         args.append("debug=limit")
     if str(SHARED) in " ".join(args):

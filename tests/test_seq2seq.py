@@ -90,6 +90,42 @@ def test_each_rank_counts_only_its_own_rows_of_a_padded_distributed_split():
             assert sorted(counted) == list(range(total)), (total, world)
 
 
+def _metrics_of_rank(rank: int, port: int, out) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        results = {}
+        for task_class in (TranslationTask, SummarizationTask):
+            metrics = task_class.make_metrics(None, "test/")
+            metrics.update(HYPOTHESES[rank::2], REFERENCES[rank::2])  # what DistributedSampler gives each rank
+            results.update({k: float(v) for k, v in metrics.compute().items()})  # compute() syncs the ranks
+        out[rank] = results
+    finally:
+        dist.destroy_process_group()
+
+
+def test_generation_metrics_over_two_ddp_processes_equal_one_process():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_metrics_of_rank, args=(port, out), nprocs=2, join=True)
+        results = dict(out)
+    single = {}
+    for task_class in (TranslationTask, SummarizationTask):
+        metrics = task_class.make_metrics(None, "test/")
+        metrics.update(HYPOTHESES, REFERENCES)
+        single.update({k: float(v) for k, v in metrics.compute().items()})
+    assert set(single) == {"test/bleu", "test/chrf", *(f"test/{k}" for k in ROUGE_KEYS)}
+    assert results[0] == pytest.approx(single, abs=1e-5) and results[1] == pytest.approx(single, abs=1e-5)
+
+
 def _parallel(tmp_path: Path, lines: dict[str, list[str]], gz: bool = False) -> Path:
     tmp_path.mkdir(parents=True, exist_ok=True)
     for name, texts in lines.items():
@@ -144,7 +180,8 @@ def test_bad_parallel_and_column_input_is_named(tmp_path, tokenizer):
 
 def test_list_sources_join_list_targets_are_references_and_problems_are_counted(tmp_path, tokenizer, caplog):
     rows = {"train": [{"source": ["One sentence.", "Two."], "target": ["short", "other"]},
-                      {"source": ["Drop me."], "target": [""]}, {"source": ["Keep."], "target": "kept"}],
+                      {"source": ["Drop me."], "target": [""]},
+                      {"source": ["Keep."], "target": "kept as longer"}],
             "validation": [{"source": ["A " * 50], "target": ["b " * 30]}]}
     for split, data in rows.items():
         (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
@@ -152,14 +189,20 @@ def test_list_sources_join_list_targets_are_references_and_problems_are_counted(
     dm = Seq2SeqData(**settings)
     dm.prepare_data()
     assert dm.sources("train") == ["One sentence. Two.", "Keep."]
-    assert dm.references("train") == [["short", "other"], ["kept"]]
+    assert dm.references("train") == [["short", "other"], ["kept as longer"]]
     assert tokenizer.decode(dm.datasets["train"][0]["labels"], skip_special_tokens=True) == "short"
+    batch = dm.collate([dm.datasets["train"][0], dm.datasets["train"][1]])
+    shorter = int((batch["labels"][0] != -100).sum())  # label padding is -100, which the loss ignores
+    assert shorter == len(dm.datasets["train"][0]["labels"]) < batch["labels"].shape[1]
+    assert (batch["labels"][0, shorter:] == -100).all()
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "row_index"}
     expected = {"train": {"empty_target": 1}, "validation": {"source_truncated": 1, "target_truncated": 1}}
-    assert dm.preparation["problems"] == expected
+    problems = dm.preparation["problems"]
+    assert problems["train"]["empty_target"] == 1 and problems["validation"] == expected["validation"]
     assert "were longer than dataset.max_source_length=16 tokens" in caplog.text
     again = Seq2SeqData(**settings)  # from the tokenized cache: the same counts
     again.prepare_data()
-    assert again.examples_tokenized == 0 and again.preparation["problems"] == expected
+    assert again.examples_tokenized == 0 and again.preparation["problems"] == problems
 
 
 def test_trained_tokenizers_and_fresh_models_agree_on_special_tokens(tokenizer):
@@ -253,3 +296,20 @@ def test_a_bert_backbone_for_translation_fails_before_training(tmp_path):
     cfg = compose_config(["task=translation", "backbone=tiny_bert"], tmp_path)
     with pytest.raises(UserError, match="is a bert model, which AutoModelForSeq2SeqLM cannot build"):
         train(cfg)
+
+
+def test_a_checkpoint_is_tested_with_the_tokenizer_its_model_was_trained_with(tmp_path):
+    # Unigram training is not deterministic: a new run must not train a new tokenizer for an old model.
+    settings = ["task=translation", *QUICK_T5, "+dataset.max_eval_examples=16"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    train(compose_config(settings, first))
+    metrics = json.loads((first / "metrics.json").read_text())
+    train(compose_config([*settings, "train=false", f"ckpt_path={metrics['best_model_path']}"], second))
+    assert (second / "tokenizer" / "tokenizer.json").read_text() == (first / "tokenizer" / "tokenizer.json").read_text()
+    assert json.loads((second / "metrics.json").read_text())["test"] == pytest.approx(metrics["test"], abs=1e-4)
+    (first / "tokenizer").rename(tmp_path / "moved")
+    with pytest.raises(UserError, match="built for the tokenizer in '.*first/tokenizer', which no longer exists"):
+        train(compose_config([*settings, "train=false", f"ckpt_path={metrics['best_model_path']}"], tmp_path / "3"))
+    (tmp_path / "broken.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="broken.ckpt' is not a readable checkpoint"):
+        train(compose_config([*settings, "train=false", f"ckpt_path={tmp_path / 'broken.ckpt'}"], tmp_path / "4"))

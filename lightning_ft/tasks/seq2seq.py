@@ -82,6 +82,7 @@ class Seq2SeqData(TaskDataModule):
         self._references: dict[str, list[list[str]]] = {}
         self._sources: dict[str, list[str]] = {}
         self._parallel = False
+        self._raw: dict[str, Any] | None = None
 
     # ---- reading -----------------------------------------------------------------------------------------------
     def _parallel_paths(self) -> dict[str, tuple[Path, Path]] | None:
@@ -134,11 +135,12 @@ class Seq2SeqData(TaskDataModule):
         return raw
 
     def load_raw(self) -> dict[str, Any]:
-        raw = {split: self._normalize(split, data) for split, data in super().load_raw().items()}
-        for split, data in raw.items():
-            self._sources[split] = data["source"]
-            self._references[split] = data["references"]
-        return raw
+        if self._raw is None:  # read once: training a tokenizer reads the training text before tokenizing
+            self._raw = {split: self._normalize(split, data) for split, data in super().load_raw().items()}
+            for split, data in self._raw.items():
+                self._sources[split] = data["source"]
+                self._references[split] = data["references"]
+        return self._raw
 
     def _normalize(self, split: str, data: Any) -> Any:
         """Columns ``source`` (text), ``target`` (the training target) and ``references`` (every target)."""
@@ -278,7 +280,7 @@ class Seq2SeqTask(TaskModule):
         max_source_length: int = 512,
         **kwargs: Any,
     ) -> None:
-        model_config = {**kwargs.pop("model_config", {}), "prefix": source_prefix or None}
+        model_config = {**(kwargs.pop("model_config", None) or {}), "prefix": source_prefix or None}
         super().__init__(model_config=model_config, **kwargs)
         self.model.generation_config.update(num_beams=num_beams, max_new_tokens=max_new_tokens,
                                             length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
