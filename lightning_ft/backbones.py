@@ -75,11 +75,16 @@ def load_config(name: str | None, model_type: str | None = None, config_override
         config = AutoConfig.for_model(model_type)
     else:
         raise UserError("backbone needs a name (hub name or directory) or a model_type to build from a config.")
-    for key, value in {**overrides, **extra}.items():
-        if key in overrides and not hasattr(config, key):
+    for key in overrides:
+        if not hasattr(config, key):
             raise UserError(
                 f"backbone.config_overrides.{key} is not a field of {type(config).__name__}: remove it or fix its name."
             )
+    if not name and model_type:
+        # Through the constructor, so fields derived from others follow them (T5's num_decoder_layers defaults to
+        # num_layers; set afterwards it would stay 6).
+        config = AutoConfig.for_model(model_type, **overrides)
+    for key, value in {**overrides, **extra}.items():
         setattr(config, key, value)
     return config
 

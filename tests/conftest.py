@@ -57,3 +57,29 @@ def write_tsv(path: Path, header: list[str], rows: list[list]) -> Path:
     lines = ["\t".join(header)] + ["\t".join(str(v) for v in row) for row in rows]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _on_rank(rank: int, port: int, worker, args: tuple, out) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        out[rank] = worker(rank, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def on_two_ranks(worker, *args) -> dict:
+    """``worker(rank, *args)`` in 2 gloo processes (a real DDP process group); its return value by rank.
+    ``worker`` must be a module-level function, so the spawned processes can import it."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_on_rank, args=(port, worker, args, out), nprocs=2, join=True)
+        return dict(out)

@@ -2,13 +2,11 @@
 real DDP processes."""
 
 import random
-import socket
 import warnings
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import on_two_ranks
 from seqeval.metrics import accuracy_score, classification_report
 from seqeval.metrics.sequence_labeling import get_entities as seqeval_entities
 
@@ -116,31 +114,18 @@ def test_mismatched_lengths_are_an_error():
         EntityScores(IOB).update([["O", "O"]], [["O", "O", "O"]])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_worker(rank: int, port: int, gold, preds, out) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        metric = EntityScores(IOB)
-        # Uneven shards, as a DistributedSampler with a ragged end gives them.
-        half = len(gold) // 3
-        mine = slice(0, half) if rank == 0 else slice(half, None)
-        metric.update(preds[mine], gold[mine])
-        out[rank] = {k: float(v) for k, v in metric.compute().items()}  # compute() syncs states over ranks
-    finally:
-        dist.destroy_process_group()
+def _rank_worker(rank: int, gold, preds) -> dict:
+    metric = EntityScores(IOB)
+    # Uneven shards, as a DistributedSampler with a ragged end gives them.
+    half = len(gold) // 3
+    mine = slice(0, half) if rank == 0 else slice(half, None)
+    metric.update(preds[mine], gold[mine])
+    return {k: float(v) for k, v in metric.compute().items()}  # compute() syncs states over ranks
 
 
 def test_states_synced_across_two_ddp_processes_give_the_corpus_scores():
     gold, preds, labels = corpus("malformed", seed=3)
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_rank_worker, args=(_free_port(), gold, preds, out), nprocs=2, join=True)
-        results = dict(out)
+    results = on_two_ranks(_rank_worker, gold, preds)
     whole = scores(gold, preds, labels, batch=len(gold))
     local_only = scores(gold[: len(gold) // 3], preds[: len(gold) // 3], labels)
     assert results[0] == pytest.approx(whole) and results[1] == pytest.approx(whole)

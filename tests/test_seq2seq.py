@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import sacrebleu
-from conftest import compose_config
+import torch
+from conftest import compose_config, on_two_ranks
 from hydra.utils import instantiate
 from torch.utils.data import DistributedSampler
 
@@ -90,33 +91,17 @@ def test_each_rank_counts_only_its_own_rows_of_a_padded_distributed_split():
             assert sorted(counted) == list(range(total)), (total, world)
 
 
-def _metrics_of_rank(rank: int, port: int, out) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        results = {}
-        for task_class in (TranslationTask, SummarizationTask):
-            metrics = task_class.make_metrics(None, "test/")
-            metrics.update(HYPOTHESES[rank::2], REFERENCES[rank::2])  # what DistributedSampler gives each rank
-            results.update({k: float(v) for k, v in metrics.compute().items()})  # compute() syncs the ranks
-        out[rank] = results
-    finally:
-        dist.destroy_process_group()
+def _metrics_of_rank(rank: int) -> dict:
+    results = {}
+    for task_class in (TranslationTask, SummarizationTask):
+        metrics = task_class.make_metrics(None, "test/")
+        metrics.update(HYPOTHESES[rank::2], REFERENCES[rank::2])  # what DistributedSampler gives each rank
+        results.update({k: float(v) for k, v in metrics.compute().items()})  # compute() syncs the ranks
+    return results
 
 
 def test_generation_metrics_over_two_ddp_processes_equal_one_process():
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_metrics_of_rank, args=(port, out), nprocs=2, join=True)
-        results = dict(out)
+    results = on_two_ranks(_metrics_of_rank)
     single = {}
     for task_class in (TranslationTask, SummarizationTask):
         metrics = task_class.make_metrics(None, "test/")
@@ -234,6 +219,17 @@ def test_a_decoder_only_or_encoder_only_backbone_is_refused():
     with pytest.raises(UserError, match="is a gpt2 model, which AutoModelForSeq2SeqLM cannot build.*encoder-decoder"):
         load_model(AutoModelForSeq2SeqLM, name=None, pretrained=False, model_type="gpt2",
                    config_overrides={"n_layer": 1, "n_embd": 16, "n_head": 2})
+
+
+def test_a_fresh_t5_decoder_follows_num_layers_and_unequal_depths_are_refused():
+    tiny_t5 = {"name": None, "pretrained": False, "model_type": "t5",
+               "config_overrides": {"d_model": 32, "d_kv": 16, "d_ff": 64, "num_layers": 1, "num_heads": 2}}
+    task = TranslationTask(backbone=tiny_t5)  # built through T5Config's constructor: 1 decoder layer, not 6
+    assert len(task.model.decoder.block) == 1
+    task.model.generate(input_ids=torch.ones(1, 3, dtype=torch.long), decoder_start_token_id=0, max_new_tokens=2)
+    tiny_t5["config_overrides"]["num_decoder_layers"] = 2
+    with pytest.raises(UserError, match="1 encoder and 2 decoder layers.*num_decoder_layers"):
+        TranslationTask(backbone=tiny_t5)
 
 
 def test_validation_generates_a_subset_while_training_and_everything_after(tmp_path):

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import on_two_ranks
 
 from lightning_ft.metrics.squad import SpanCandidates, exact_match, normalize_answer, squad_scores, token_f1
 
@@ -92,34 +93,18 @@ def _as_lists(result: dict) -> dict:
     return {k: v.reshape(len(result["example_index"].reshape(-1)), -1).tolist() for k, v in result.items()}
 
 
-def _rank_worker(rank: int, port: int, out) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        windows = _windows()
-        # A DistributedSampler gives rank r the windows r, r+2, ...; with 9 windows it repeats window 0 on rank 1.
-        mine = windows[rank::2] + ([windows[0]] if rank == 1 else [])
-        collector = SpanCandidates(top_k=3)
-        for window in mine:
-            collector.update(*window)
-        out[rank] = _as_lists(collector.compute())  # compute() gathers every rank's candidates
-    finally:
-        dist.destroy_process_group()
+def _rank_worker(rank: int) -> dict:
+    windows = _windows()
+    # A DistributedSampler gives rank r the windows r, r+2, ...; with 9 windows it repeats window 0 on rank 1.
+    mine = windows[rank::2] + ([windows[0]] if rank == 1 else [])
+    collector = SpanCandidates(top_k=3)
+    for window in mine:
+        collector.update(*window)
+    return _as_lists(collector.compute())  # compute() gathers every rank's candidates
 
 
 def test_candidates_gathered_over_two_ddp_processes_equal_one_process():
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_rank_worker, args=(port, out), nprocs=2, join=True)
-        results = dict(out)
+    results = on_two_ranks(_rank_worker)
     single = SpanCandidates(top_k=3)
     for window in _windows():
         single.update(*window)

@@ -282,6 +282,14 @@ class Seq2SeqTask(TaskModule):
     ) -> None:
         model_config = {**(kwargs.pop("model_config", None) or {}), "prefix": source_prefix or None}
         super().__init__(model_config=model_config, **kwargs)
+        config = self.model.config
+        if getattr(config, "num_decoder_layers", config.num_hidden_layers) != config.num_hidden_layers:
+            # transformers sizes T5's generation cache by num_layers: beam search then fails with an IndexError.
+            raise UserError(
+                f"backbone has {config.num_hidden_layers} encoder and {config.num_decoder_layers} decoder layers; "
+                "T5 generation in this transformers version needs them equal: set backbone.config_overrides."
+                "num_decoder_layers to num_layers."
+            )
         self.model.generation_config.update(num_beams=num_beams, max_new_tokens=max_new_tokens,
                                             length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
         self.val_generate_limit = val_generate_limit
@@ -292,9 +300,6 @@ class Seq2SeqTask(TaskModule):
         self.examples: dict[str, list[dict]] = {}
         self._generated: dict[int, str] = {}
         self.generated_length = torch.nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
-
-    def make_metrics(self, prefix: str) -> MetricCollection:
-        raise NotImplementedError
 
     @property
     def monitor(self) -> tuple[str, str]:
