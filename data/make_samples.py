@@ -118,6 +118,36 @@ def main() -> None:
         path.write_text("".join(json.dumps({k: r[k] for k in ("paper_id", "source", "target")}, ensure_ascii=False)
                                 + "\n" for r in picked), encoding="utf-8")
 
+    # Tiny Shakespeare (public-domain text): consecutive speeches (blank-line separated) from the start of the
+    # corpus, cut at speech boundaries: about 230 KB / 23 KB / 23 KB.
+    speeches = (SHARED / "tiny_shakespeare/input.txt").read_text(encoding="utf-8").split("\n\n")
+    write_text_splits("tiny_shakespeare", speeches, "\n\n", (230_000, 23_000, 23_000))
+
+    # WikiText-2 (CC BY-SA 3.0), tokenized v1: whole articles (from one " = Title = " line to the next) of its
+    # validation split, one paragraph a line: about 230 KB / 30 KB / 30 KB.
+    articles, current = [], []
+    for line in (SHARED / "wikitext2/wiki.valid.tokens").read_text(encoding="utf-8").splitlines(keepends=True):
+        if line.startswith(" = ") and not line.startswith(" = = ") and current:
+            articles.append("".join(current))
+            current = []
+        current.append(line)
+    articles.append("".join(current))
+    write_text_splits("wikitext2", articles, "", (230_000, 30_000, 30_000))
+
+
+def write_text_splits(folder: str, parts: list[str], joiner: str, sizes: tuple[int, int, int]) -> None:
+    """Consecutive ``parts`` into train/validation/test.txt of about ``sizes`` characters each."""
+    start = 0
+    for split, size in zip(("train", "validation", "test"), sizes):
+        taken, length = [], 0
+        while length < size and start < len(parts):
+            taken.append(parts[start])
+            length += len(parts[start]) + len(joiner)
+            start += 1
+        path = OUT / f"{folder}/{split}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(joiner.join(taken).strip("\n") + "\n", encoding="utf-8")
+
 
 if __name__ == "__main__":
     main()

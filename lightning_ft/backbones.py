@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any
@@ -48,27 +49,43 @@ def _not_found(what: str, name: str, err: Exception) -> UserError:
     )
 
 
-def load_tokenizer(name: str | None = None, tokenizer: str | None = None, **_: Any):
-    """The fast tokenizer of ``tokenizer`` (or of ``name`` when ``tokenizer`` is not given)."""
+def _gguf(name: str | None, gguf_file: str | None) -> dict[str, str]:
+    """``from_pretrained``'s argument for a GGUF file inside ``name``'s directory (checked first)."""
+    if not gguf_file:
+        return {}
+    if not name:
+        raise UserError("backbone.gguf_file needs backbone.name: the directory that holds the file.")
+    if not (Path(resolve_name(name)) / gguf_file).is_file():
+        raise UserError(f"backbone.gguf_file '{gguf_file}' is not a file in '{resolve_name(name)}': fix the name "
+                        "(ls the directory for *.gguf).")
+    if importlib.util.find_spec("gguf") is None:
+        raise UserError("backbone.gguf_file needs the gguf package: pip install gguf.")
+    return {"gguf_file": gguf_file}
+
+
+def load_tokenizer(name: str | None = None, tokenizer: str | None = None, gguf_file: str | None = None, **_: Any):
+    """The fast tokenizer of ``tokenizer`` (or of ``name``, and its GGUF file, when ``tokenizer`` is not given)."""
     from transformers import AutoTokenizer
 
     source = tokenizer or name
     if not source:
         raise UserError("backbone.tokenizer is needed when backbone.name is null: give a tokenizer name or directory.")
     try:
-        return AutoTokenizer.from_pretrained(resolve_name(source), use_fast=True)
+        return AutoTokenizer.from_pretrained(resolve_name(source), use_fast=True,
+                                             **({} if tokenizer else _gguf(name, gguf_file)))
     except (OSError, ValueError) as err:
         raise _not_found("backbone tokenizer", source, err) from err
 
 
-def load_config(name: str | None, model_type: str | None = None, config_overrides: dict | None = None, **extra):
+def load_config(name: str | None, model_type: str | None = None, config_overrides: dict | None = None,
+                gguf_file: str | None = None, **extra):
     """The model config of ``name`` (or a fresh one for ``model_type``) with overrides and task settings applied."""
     from transformers import AutoConfig
 
     overrides = dict(config_overrides or {})
     if name:
         try:
-            config = AutoConfig.from_pretrained(resolve_name(name))
+            config = AutoConfig.from_pretrained(resolve_name(name), **_gguf(name, gguf_file))
         except (OSError, ValueError) as err:
             raise _not_found("backbone.name", name, err) from err
     elif model_type:
@@ -97,6 +114,7 @@ def load_model(
     config_overrides: dict | None = None,
     tokenizer: str | None = None,
     train_tokenizer: dict | None = None,
+    gguf_file: str | None = None,
     **task_config: Any,
 ):
     """Load ``auto_class`` (e.g. ``AutoModelForSequenceClassification``) pretrained, or fresh from its config.
@@ -104,7 +122,7 @@ def load_model(
     ``task_config`` (``num_labels``, ``id2label``, ``problem_type``...) is set on the model config. A fresh model
     gets its vocabulary size and special token ids from ``tokenizer`` (e.g. one trained by ``train_tokenizer``).
     """
-    config = load_config(name, model_type, config_overrides, **task_config)
+    config = load_config(name, model_type, config_overrides, gguf_file, **task_config)
     try:
         if pretrained and name:
             if config_overrides:
@@ -112,7 +130,7 @@ def load_model(
                     "backbone.config_overrides change the architecture, which a pretrained checkpoint cannot load: "
                     "set backbone.pretrained=false to build a fresh model, or remove the overrides."
                 )
-            return auto_class.from_pretrained(resolve_name(name), config=config)
+            return auto_class.from_pretrained(resolve_name(name), config=config, **_gguf(name, gguf_file))
         if tokenizer:
             match_tokenizer(config, load_tokenizer(tokenizer=tokenizer))
         return auto_class.from_config(config)

@@ -228,7 +228,9 @@ def _print_summary(results: dict[str, Any], run_dir: Path) -> None:
             + f"; first step {speed['seconds_to_first_step']:.1f} s after start-up."
         )
     data = results.get("data")
-    if data:
+    if data and data.get("streaming"):
+        console.print("Data: streamed, tokenized while training.")
+    elif data:
         done = (f"tokenized {data['examples_tokenized']} rows" if data["examples_tokenized"]
                 else "read the tokenized splits from the cache")
         console.print(f"Data: {done} in {data['tokenize_seconds']:.1f} s.")

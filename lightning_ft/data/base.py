@@ -230,7 +230,8 @@ class TaskDataModule(pl.LightningDataModule):
                 builder, data_files=[str(p) for p in paths], split="train", cache_dir=self.cache_dir, **kwargs
             )
         except (datasets.exceptions.DatasetGenerationError, ValueError) as err:
-            if "corresponds to no data" in str(err):  # datasets' words for a file with no rows
+            # datasets' words for a file with no rows (json/csv), and for an empty text file
+            if "corresponds to no data" in str(err) or "at least one example" in str(err.__cause__ or ""):
                 raise UserError(
                     f"the {split} split of the dataset is empty ({', '.join(map(str, paths))}): "
                     "give it at least one row."

@@ -1,0 +1,414 @@
+"""Causal-LM (GPT-style) and masked-LM (BERT-style) pretraining or continued pretraining, as the HF ``run_clm`` and
+``run_mlm`` examples do them.
+
+Data: plain-text files (one document a line, or a blank-line separated paragraph with ``documents=paragraph``; gz
+allowed), rows with a ``text_column`` (jsonl, csv...), or a hub dataset. Documents are tokenized and packed into
+``block_size`` blocks (``group_texts``, the remainder of each batch of 1,000 documents dropped, as in the examples), or
+kept one a row (``line_by_line``, cut to ``block_size``). Causal LM ends every document with the eos token, so the
+model learns where documents end. Masked LM masks ``mlm_probability`` of the tokens with the 80/10/10 rule
+(optionally whole words) afresh for every training batch; validation and test are masked once, with ``seed``, so
+their perplexity is comparable from epoch to epoch and run to run.
+
+``document_attention=isolated`` keeps packed documents from attending to one another: position ids restart at each
+document and no attention mask is passed, which transformers turns into a block-diagonal mask for the models that
+support it (GPT-2, Llama...). The module checks that the backbone does (same logits packed as alone) and refuses one
+that does not (e.g. BERT).
+
+``streaming=true`` reads the files as a ``datasets`` iterable dataset that is never loaded into memory: each DDP
+rank reads its share (``split_dataset_by_node``: whole files when there are enough, else every N-th document), each
+loader worker a share of that, and the training stream repeats, so ``trainer.max_steps`` sets the length.
+
+Metric: perplexity = exp(summed token loss / token count) over the whole split, each example counted once under DDP.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torchmetrics import MetricCollection
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+from lightning_ft.data.base import TaskDataModule, _builder_for
+from lightning_ft.errors import UserError
+from lightning_ft.metrics.language_modeling import Perplexity
+from lightning_ft.tasks.base import TaskModule
+
+log = logging.getLogger(__name__)
+OBJECTIVES = ("clm", "mlm")
+PACKINGS = ("group_texts", "line_by_line")
+DOCUMENT_ATTENTION = ("shared", "isolated")
+DOCUMENTS = {"line": "line", "paragraph": "paragraph", "file": "document"}  # -> the text builder's sample_by
+BATCH_DOCUMENTS = 1000  # documents packed together (the HF examples' map batch): the rest of a batch is dropped
+
+
+class LanguageModelingData(TaskDataModule):
+    """Text for language-model training, tokenized and packed into blocks.
+
+    Args:
+        objective: ``clm`` (next-token labels) or ``mlm`` (masked tokens); the task config sets it.
+        text_column: the column of jsonl/csv/hub rows holding the text (``.txt`` files: one ``text`` column).
+        documents: what a document of a ``.txt`` file is: a ``line``, a blank-line separated ``paragraph``, or
+            the whole ``file``.
+        packing: ``group_texts`` (concatenate and cut into ``block_size`` blocks) or ``line_by_line``.
+        document_attention: ``shared`` (a block is one sequence) or ``isolated`` (packed documents do not attend
+            to one another; needs a backbone that supports it).
+        mlm_probability, whole_word_mask: masked-LM masking.
+        streaming: read the files lazily (``datasets`` iterable dataset); ``shuffle_buffer`` blocks are shuffled.
+    """
+
+    def __init__(
+        self,
+        *,
+        objective: str = "clm",
+        text_column: str = "text",
+        documents: str = "line",
+        block_size: int = 128,
+        packing: str = "group_texts",
+        document_attention: str = "shared",
+        mlm_probability: float = 0.15,
+        whole_word_mask: bool = False,
+        streaming: bool = False,
+        shuffle_buffer: int = 1000,
+        **kwargs: Any,
+    ) -> None:
+        for name, value, allowed in (("objective", objective, OBJECTIVES), ("packing", packing, PACKINGS),
+                                     ("document_attention", document_attention, DOCUMENT_ATTENTION),
+                                     ("documents", documents, tuple(DOCUMENTS))):
+            if value not in allowed:
+                raise UserError(f"dataset.{name} '{value}' is not one of {', '.join(allowed)}.")
+        if document_attention == "isolated" and packing != "group_texts":
+            raise UserError("dataset.document_attention=isolated only means something with packing=group_texts.")
+        if not 0 < mlm_probability < 1:
+            raise UserError(f"dataset.mlm_probability={mlm_probability} must be between 0 and 1 (BERT: 0.15).")
+        kwargs.setdefault("group_by_length", packing == "line_by_line")  # packed blocks are all one length
+        super().__init__(max_length=block_size, **kwargs)
+        self.objective = objective
+        self.text_column = text_column
+        self.documents = documents
+        self.block_size = block_size
+        self.packing = packing
+        self.document_attention = document_attention
+        self.mlm_probability = mlm_probability
+        self.whole_word_mask = whole_word_mask
+        self.streaming = streaming
+        self.shuffle_buffer = shuffle_buffer
+        if self.tokenizer is not None:
+            self._check_tokenizer()
+
+    def _check_tokenizer(self) -> None:
+        tokenizer = self.tokenizer
+        if self.objective == "mlm" and tokenizer.mask_token_id is None:
+            raise UserError(f"the tokenizer ({type(tokenizer).__name__}) has no mask token, which masked-LM needs: "
+                            "use a BERT/RoBERTa-style tokenizer, or train one (backbone.train_tokenizer.algorithm="
+                            "wordpiece).")
+        if self.objective == "clm" and tokenizer.eos_token_id is None:
+            log.warning("The tokenizer has no eos token: packed documents run into one another unmarked.")
+        if self.block_size > tokenizer.model_max_length:
+            log.warning("dataset.block_size=%d is longer than the tokenizer's model_max_length=%d.",
+                        self.block_size, tokenizer.model_max_length)
+
+    # ---- reading -----------------------------------------------------------------------------------------------
+    def read_local(self, split: str, paths: list) -> Any:
+        if _builder_for(paths[0]) == "text":
+            self.reader_kwargs.setdefault("sample_by", DOCUMENTS[self.documents])
+        return super().read_local(split, paths)
+
+    def required_columns(self, split: str) -> list[str]:
+        return [self.text_column]
+
+    def training_texts(self):
+        """The training split's documents, to train a tokenizer on."""
+        if self.streaming:
+            return (row[self.text_column] for row in self._stream("train"))
+        return iter(self.load_raw()["train"][self.text_column])
+
+    def preprocessing_settings(self) -> dict[str, Any]:
+        return {"objective": self.objective, "block_size": self.block_size, "packing": self.packing,
+                "document_attention": self.document_attention, "whole_word_mask": self.whole_word_mask,
+                "mlm_probability": self.mlm_probability, "seed": self.seed}
+
+    # ---- tokenizing and packing --------------------------------------------------------------------------------
+    def encode(self, batch: dict[str, list]) -> dict[str, list]:
+        texts = [t for t in batch[self.text_column] if t and t.strip()]  # blank lines are not documents
+        mlm = self.objective == "mlm"
+        encoded = self.tokenizer(
+            texts, add_special_tokens=mlm, return_special_tokens_mask=mlm,
+            return_offsets_mapping=mlm and self.whole_word_mask,
+            truncation=self.packing == "line_by_line", max_length=self.block_size if self.packing == "line_by_line"
+            else None, return_attention_mask=False, verbose=False,
+        )
+        columns = {key: list(values) for key, values in encoded.items()}
+        if self.packing == "line_by_line":
+            self.count_truncated(encoded)
+        elif not mlm and self.tokenizer.eos_token_id is not None:
+            for ids in columns["input_ids"]:
+                ids.append(self.tokenizer.eos_token_id)
+        if self.packing == "group_texts":
+            columns = self._group(columns)
+        if mlm and self._current_split != "train":
+            columns = self._mask_once(columns)
+        return columns
+
+    def _group(self, columns: dict[str, list]) -> dict[str, list]:
+        """HF's ``group_texts``: concatenate the documents and cut ``block_size`` blocks, dropping the rest."""
+        if self.document_attention == "isolated":
+            columns["position_ids"] = [list(range(len(ids))) for ids in columns["input_ids"]]
+        joined = {key: list(itertools.chain.from_iterable(values)) for key, values in columns.items()}
+        usable = len(joined["input_ids"]) // self.block_size * self.block_size
+        return {key: [values[i:i + self.block_size] for i in range(0, usable, self.block_size)]
+                for key, values in joined.items()}
+
+    def _mask_once(self, columns: dict[str, list]) -> dict[str, list]:
+        """Evaluation rows masked a single time, reproducibly (seeded by ``seed`` and the rows' first tokens)."""
+        collator = self._masker()
+        masked, labels = [], []
+        for row, ids in enumerate(columns["input_ids"]):
+            collator.generator = torch.Generator().manual_seed(self.seed * 1_000_003 + hash(tuple(ids[:16])) % 99991)
+            offsets = torch.tensor([columns["offset_mapping"][row]]) if "offset_mapping" in columns else None
+            inputs, target = collator.torch_mask_tokens(
+                torch.tensor([ids]), special_tokens_mask=torch.tensor([columns["special_tokens_mask"][row]]),
+                offset_mapping=offsets)
+            masked.append(inputs[0].tolist())
+            labels.append(target[0].tolist())
+        columns = {key: values for key, values in columns.items() if key not in ("offset_mapping",
+                                                                                 "special_tokens_mask")}
+        return {**columns, "input_ids": masked, "labels": labels}
+
+    def _masker(self) -> Any:
+        from transformers import DataCollatorForLanguageModeling
+
+        return DataCollatorForLanguageModeling(
+            self.tokenizer, mlm=self.objective == "mlm", mlm_probability=self.mlm_probability,
+            whole_word_mask=self.whole_word_mask, pad_to_multiple_of=self.pad_to_multiple_of)
+
+    def check_encoded(self, split: str, data: Any) -> None:
+        if self.streaming:
+            return
+        if len(data) == 0:
+            raise UserError(
+                f"the {split} split holds no full block of dataset.block_size={self.block_size} tokens: give it more "
+                "text, lower block_size, or use dataset.packing=line_by_line."
+            )
+        log.info("%s: %d blocks of %d tokens", split, len(data), self.block_size)
+
+    def collate(self, features: list[dict]) -> dict:
+        if not hasattr(self, "_collator"):
+            self._collator = self._masker()
+        if "labels" in features[0]:  # evaluation rows of masked-LM, masked once already: pad them only
+            labels = [f["labels"] for f in features]
+            batch = self.tokenizer.pad([{k: v for k, v in f.items() if k != "labels"} for f in features],
+                                       pad_to_multiple_of=self.pad_to_multiple_of, return_tensors="pt")
+            width = batch["input_ids"].shape[1]
+            batch["labels"] = torch.tensor([row + [-100] * (width - len(row)) for row in labels])
+        else:
+            batch = self._collator(features)
+        if self.document_attention == "isolated":
+            batch.pop("attention_mask", None)  # position ids carry the documents: transformers masks across them
+        return batch
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return {"document_attention": self.document_attention}
+
+    # ---- streaming ---------------------------------------------------------------------------------------------
+    def _stream(self, split: str) -> Any:
+        """The raw rows of a split as a ``datasets`` iterable dataset (local files only)."""
+        import datasets
+
+        if self.hub_name and not self.data_dir:
+            return datasets.load_dataset(self.hub_name, self.hub_config, split=self.hub_splits.get(split, split),
+                                         streaming=True)
+        paths = self._local_files().get(split)
+        if paths is None:
+            raise UserError(f"the dataset has no {split} split: add dataset.data_files.{split}.")
+        builder = _builder_for(paths[0])
+        kwargs = dict(self.reader_kwargs)
+        if builder == "text":
+            kwargs.setdefault("sample_by", DOCUMENTS[self.documents])
+        return datasets.load_dataset(builder, data_files=[str(p) for p in paths], split="train", streaming=True,
+                                     **kwargs)
+
+    def stream_blocks(self, split: str, rank: int = 0, world_size: int = 1) -> Any:
+        """``split``'s blocks for one DDP rank, tokenized and packed as they are read."""
+        from datasets.distributed import split_dataset_by_node
+
+        rows = self._stream(split)
+        if self.text_column not in (rows.column_names or [self.text_column]):
+            raise UserError(f"column '{self.text_column}' is missing from the {split} split (it has: "
+                            f"{', '.join(rows.column_names)}): set dataset.text_column to one of those.")
+        rows = split_dataset_by_node(rows.select_columns([self.text_column]), rank=rank, world_size=world_size)
+
+        def encode(batch: dict[str, list]) -> dict[str, list]:
+            self._current_split = split
+            return self.encode(batch)
+
+        blocks = rows.map(encode, batched=True, batch_size=BATCH_DOCUMENTS, remove_columns=[self.text_column])
+        return blocks.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer) if split == "train" else blocks
+
+    def _prepare(self) -> None:
+        if not self.streaming:
+            return super()._prepare()
+        if self.datasets is None:
+            self.datasets = {split: None for split in self._local_files()} if self.data_dir else {}
+
+    def _loader(self, split: str) -> Any:
+        if not self.streaming:
+            return super()._loader(split)
+        from torch.utils.data import DataLoader
+
+        trainer = self.trainer
+        if split == "train" and trainer.max_steps < 0:
+            raise UserError("a streamed dataset has no length: set trainer.max_steps (and trainer.val_check_interval "
+                            "to a number of steps) to say how long to train.")
+        blocks = self.stream_blocks(split, trainer.global_rank, trainer.world_size)
+        data = _Repeated(blocks) if split == "train" else blocks
+        workers = self.num_workers or 0
+        return DataLoader(data, batch_size=self.batch_size if split == "train" else self.eval_batch_size,
+                          collate_fn=self.collate, num_workers=workers, persistent_workers=workers > 0)
+
+    def has_split(self, split: str) -> bool:
+        if not self.streaming:
+            return super().has_split(split)
+        return split in self._local_files()
+
+    @property
+    def preparation(self) -> dict[str, Any]:
+        if self.streaming:
+            return {"streaming": True}
+        return super().preparation
+
+
+class _Repeated(torch.utils.data.IterableDataset):
+    """A streamed training split read over and over (reshuffled each pass), so every DDP rank takes as many steps
+    as ``max_steps`` asks and none runs dry before the others (which would hang the gradient all-reduce)."""
+
+    def __init__(self, blocks: Any) -> None:
+        self.blocks = blocks
+
+    def __iter__(self):
+        for epoch in itertools.count():
+            self.blocks.set_epoch(epoch)
+            yield from self.blocks
+
+
+class LanguageModelingTask(TaskModule):
+    """A causal LM (``objective=clm``: GPT-2, Llama...) or masked LM (``objective=mlm``: BERT, RoBERTa...) trained
+    on text, scored by corpus perplexity.
+
+    Args:
+        objective: ``clm`` or ``mlm`` (the data's ``objective`` follows it in the shipped configs).
+        document_attention: from the data; ``isolated`` is checked against the backbone.
+        show_examples: causal LM only: continuations of this many validation prompts, printed and logged after
+            each validation.
+        prompt_tokens, sample_tokens: the prompt length (the first tokens of a validation block) and how many
+            tokens each example generates.
+    """
+
+    default_monitor = ("val/perplexity", "min")
+
+    def __init__(
+        self,
+        *,
+        objective: str = "clm",
+        document_attention: str = "shared",
+        show_examples: int = 3,
+        prompt_tokens: int = 16,
+        sample_tokens: int = 32,
+        **kwargs: Any,
+    ) -> None:
+        if objective not in OBJECTIVES:
+            raise UserError(f"task.objective '{objective}' is not one of {', '.join(OBJECTIVES)}.")
+        self.auto_class = AutoModelForCausalLM if objective == "clm" else AutoModelForMaskedLM
+        super().__init__(**kwargs)
+        self.objective = objective
+        self.show_examples = show_examples if objective == "clm" else 0
+        self.prompt_tokens = prompt_tokens
+        self.sample_tokens = sample_tokens
+        self.examples: dict[str, list[dict]] = {}
+        self._prompts: torch.Tensor | None = None  # the first validation blocks, continued after the validation
+        if document_attention == "isolated":
+            self._check_isolation()
+
+    def make_metrics(self, prefix: str) -> MetricCollection:
+        return MetricCollection({"perplexity": Perplexity()}, prefix=prefix)
+
+    def forward(self, **inputs: Any) -> Any:
+        if self.objective == "clm":
+            # No cache: it is not used in training, and with one transformers would not read packed documents from
+            # the position ids.
+            inputs["use_cache"] = False
+        return self.model(**inputs)
+
+    def _check_isolation(self) -> None:
+        """Refuse ``isolated`` for a backbone that lets a packed document see the one before it."""
+        model = self.model
+        vocab = model.get_input_embeddings().num_embeddings
+        first, second = torch.arange(5, 10) % vocab, torch.arange(10, 14) % vocab
+        extra = {"use_cache": False} if self.objective == "clm" else {}
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            alone = model(input_ids=second[None], **extra).logits[0]
+            packed = model(input_ids=torch.cat([first, second])[None],
+                           position_ids=torch.tensor([[*range(5), *range(4)]]), **extra).logits[0, 5:]
+        model.train(was_training)
+        if not torch.allclose(alone, packed, atol=1e-4):
+            raise UserError(
+                f"backbone {model.config.model_type} does not isolate packed documents (its attention ignores "
+                "restarting position ids): use dataset.document_attention=shared, or dataset.packing=line_by_line.")
+
+    def update_metrics(self, metrics: MetricCollection, outputs: Any, batch: dict) -> None:
+        pass  # the token losses are counted in _eval_step, where the rows this rank owns are known
+
+    def _eval_step(self, stage: str, batch: dict) -> None:
+        outputs = self(**batch)
+        labels = batch["labels"]
+        self.log(f"{stage}/loss", outputs.loss, prog_bar=stage == "val", sync_dist=True, batch_size=len(labels))
+        logits = outputs.logits
+        if self.objective == "clm":  # position t predicts token t + 1
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                 reduction="none").view(labels.shape)
+        own = self.own_rows(stage, len(labels))  # rows DistributedSampler repeats to even out the ranks come last
+        self.metrics[stage]["perplexity"].update(losses[:own].sum(), (labels[:own] != -100).sum())
+        if stage == "val" and self._prompts is None and self.show_examples:
+            self._prompts = batch["input_ids"][: self.show_examples].detach().cpu()
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        prompts, self._prompts = self._prompts, None
+        if prompts is not None and self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            self.examples["val"] = self._continuations(prompts)
+            for example in self.examples["val"]:
+                log.info("sample: %r -> %r", example["source"], example["prediction"])
+
+    def _continuations(self, blocks: torch.Tensor) -> list[dict]:
+        """Sampled continuations of each block's first ``prompt_tokens`` tokens (top-k 50, seeded, without
+        touching the training random state)."""
+        tokenizer = self.trainer.datamodule.tokenizer
+        prompts = blocks[:, : self.prompt_tokens].to(self.device)
+        was_training = self.model.training
+        self.model.eval()
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), torch.no_grad():
+            torch.manual_seed(0)
+            generated = self.model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts),
+                                            do_sample=True, top_k=50, max_new_tokens=self.sample_tokens,
+                                            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        self.model.train(was_training)
+        width = self.prompt_tokens
+        return [{"row": row, "source": tokenizer.decode(prompts[row], skip_special_tokens=True),
+                 "prediction": tokenizer.decode(generated[row, width:], skip_special_tokens=True),
+                 "references": [tokenizer.decode(blocks[row, width:width + self.sample_tokens],
+                                                 skip_special_tokens=True)]}
+                for row in range(len(prompts))]
+
+    def export(self, directory, tokenizer: Any):
+        config = self.model.config
+        if getattr(config, "quantization_config", None) is not None:
+            # A GGUF checkpoint is dequantised on load: the weights saved here are plain floats, and a config still
+            # naming the quantization would not load.
+            del config.quantization_config
+        return super().export(directory, tokenizer)
