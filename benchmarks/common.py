@@ -68,7 +68,8 @@ def lightning_timer():
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             self.samples += len(batch["input_ids"])
             self.tokens += batch["input_ids"].numel()
-            self.real_tokens += int(batch["attention_mask"].sum())
+            mask = batch.get("attention_mask")  # packed LM blocks have none: every token is real
+            self.real_tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
         def on_train_end(self, trainer, pl_module):
             self.seconds = time.perf_counter() - self.start

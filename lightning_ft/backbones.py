@@ -130,7 +130,13 @@ def load_model(
                     "backbone.config_overrides change the architecture, which a pretrained checkpoint cannot load: "
                     "set backbone.pretrained=false to build a fresh model, or remove the overrides."
                 )
-            return auto_class.from_pretrained(resolve_name(name), config=config, **_gguf(name, gguf_file))
+            model = auto_class.from_pretrained(resolve_name(name), config=config, **_gguf(name, gguf_file))
+            if gguf_file:
+                # The GGUF weights are dequantised into plain floats on load: with the quantizer and its config still
+                # attached, save_pretrained refuses ("quantized with gguf and is not serializable").
+                model.hf_quantizer = None
+                model.config.__dict__.pop("quantization_config", None)
+            return model
         if tokenizer:
             match_tokenizer(config, load_tokenizer(tokenizer=tokenizer))
         return auto_class.from_config(config)

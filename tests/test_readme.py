@@ -3,16 +3,18 @@
 import json
 import re
 import shlex
+from pathlib import Path
 
 import pytest
 from cli import run_cli
 from conftest import MINILM, QUICK, ROOT, compose_config, write_tsv
 
-from lightning_ft.backbones import load_tokenizer
+from lightning_ft.backbones import load_tokenizer, resolve_name
 from lightning_ft.paths import sample_dir
 from lightning_ft.tasks.qa import QuestionAnsweringTask
 from lightning_ft.tasks.seq2seq import TranslationTask
 from lightning_ft.tasks.similarity import SimilarityTask
+from lightning_ft.tasks.text_classification import TextClassificationTask
 from lightning_ft.tokenizer_training import train_tokenizer
 
 README = (ROOT / "README.md").read_text()
@@ -103,7 +105,19 @@ def test_readme_has_the_two_commands_of_a_new_user():
     assert "bash scripts/setup.sh" in (ROOT / ".ci" / "run").read_text()
 
 
-@pytest.mark.parametrize("command", [c for c in commands() if "lightning_ft.train" in c])
+def _tiny_backbone(args: list[str]) -> str:
+    """The tiny model for a command's task (its experiment's, when it names one)."""
+    if any(a in args for a in ("task=translation", "task=summarization")) or "experiment=t5_" in " ".join(args):
+        return "backbone=tiny_t5"
+    if "task=clm" in args or "experiment=gpt2_" in " ".join(args):
+        return "backbone=tiny_gpt2"
+    return "backbone=tiny_bert_scratch" if "task=mlm" in args else "backbone=tiny_bert"
+
+
+WORKFLOW = "outputs/minilm_domain"  # the two-command continued-pretraining workflow: test_readme_workflow runs it
+
+
+@pytest.mark.parametrize("command", [c for c in commands() if "lightning_ft.train" in c and WORKFLOW not in c])
 def test_readme_train_command_runs(command, tmp_path, placeholders):
     command = command.split("&& ")[-1]  # the setup part ran in CI's install step
     for key, value in placeholders.items():
@@ -115,10 +129,10 @@ def test_readme_train_command_runs(command, tmp_path, placeholders):
         assert result.returncode == 0 and "task:" in result.stdout
         return
     if not any(a.startswith(("backbone=", "backbone.name=")) for a in args):
-        seq2seq = any(a in args for a in ("task=translation", "task=summarization")) or any(
-            a.startswith("experiment=t5_") for a in args)
-        args.append("backbone=tiny_t5" if seq2seq else "backbone=tiny_bert")
-    if not any(a.startswith("debug=") for a in args):
+        args.append(_tiny_backbone(args))
+    if any(a.startswith("trainer.max_steps=") for a in args):  # a step budget (streaming): run it, few val batches
+        args.append("++trainer.limit_val_batches=2")
+    elif not any(a.startswith("debug=") for a in args):
         args.append("debug=limit")
     if str(SHARED) in " ".join(args):
         args += ["+dataset.max_train_examples=300", "+dataset.max_eval_examples=100"]
@@ -134,6 +148,38 @@ def test_readme_train_command_runs(command, tmp_path, placeholders):
 
     train(compose_config([*args, *QUICK_RUN], tmp_path))
     assert (tmp_path / "metrics.json").is_file()
+
+
+@pytest.mark.slow
+def test_readme_continued_pretraining_then_fine_tuning_workflow(tmp_path):
+    """The README's two commands, in order, through the real command line (real MiniLM, a few batches): the
+    classifier starts from the encoder weights that masked-LM training wrote."""
+    import torch
+    from safetensors.torch import load_file
+
+    workflow = [c for c in commands() if WORKFLOW in c]
+    assert len(workflow) == 2 and "task=mlm" in workflow[0]
+    text = tmp_path / "domain_text"
+    text.mkdir()
+    lines = (sample_dir("wikitext2") / "train.txt").read_text().splitlines()
+    (text / "train.txt").write_text("\n".join(lines[:300]) + "\n")
+    (text / "validation.txt").write_text("\n".join(lines[300:400]) + "\n")
+    for command in workflow:
+        args = shlex.split(command.replace("<your text dir>", str(text)))[3:]
+        result = run_cli([*args, "debug=limit", "trainer.max_epochs=1", *QUICK_RUN], tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+    export = tmp_path / WORKFLOW / "hf_model"
+    second_run = next(p.parent for p in (tmp_path / "outputs").rglob("config.yaml")
+                      if WORKFLOW not in str(p) and p.parent.name != ".hydra" and "text_classification" in str(p))
+    assert f"name: {WORKFLOW}/hf_model" in (second_run / "config.yaml").read_text()
+    # What the second run built from that name: MiniLM's encoder as masked-LM training left it.
+    mlm_weights = load_file(export / "model.safetensors")
+    original = load_file(next(Path(resolve_name(MINILM)).glob("*.safetensors")))
+    name = "encoder.layer.0.attention.self.query.weight"
+    classifier = TextClassificationTask(backbone={"name": str(export)}, num_labels=2,
+                                        id2label={0: "negative", 1: "positive"}).model
+    built = classifier.state_dict()[f"bert.{name}"]
+    assert torch.equal(built, mlm_weights[f"bert.{name}"]) and not torch.equal(built, original[name])
 
 
 def test_readme_python_snippet_runs(placeholders):

@@ -110,6 +110,8 @@ class TaskModule(pl.LightningModule):
         if world == 1:
             return count
         loader = self.trainer.val_dataloaders if stage == "val" else self.trainer.test_dataloaders
+        if not hasattr(loader.dataset, "__len__"):
+            return count  # a stream split by rank: nothing is repeated
         own = rows_of_rank(len(loader.dataset), world, self.trainer.global_rank)
         return max(0, min(count, own - seen))
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torchmetrics import MetricCollection
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
-from lightning_ft.data.base import TaskDataModule, _builder_for
+from lightning_ft.data.base import SPLITS, TaskDataModule, _builder_for
 from lightning_ft.errors import UserError
 from lightning_ft.metrics.language_modeling import Perplexity
 from lightning_ft.tasks.base import TaskModule
@@ -43,6 +43,14 @@ PACKINGS = ("group_texts", "line_by_line")
 DOCUMENT_ATTENTION = ("shared", "isolated")
 DOCUMENTS = {"line": "line", "paragraph": "paragraph", "file": "document"}  # -> the text builder's sample_by
 BATCH_DOCUMENTS = 1000  # documents packed together (the HF examples' map batch): the rest of a batch is dropped
+
+
+def _restart_at_block(positions: list[int]) -> list[int]:
+    """Positions counted from each document's start within the block (never past ``block_size``)."""
+    restarted = [0]
+    for position in positions[1:]:
+        restarted.append(0 if position == 0 else restarted[-1] + 1)
+    return restarted
 
 
 class LanguageModelingData(TaskDataModule):
@@ -96,8 +104,6 @@ class LanguageModelingData(TaskDataModule):
         self.whole_word_mask = whole_word_mask
         self.streaming = streaming
         self.shuffle_buffer = shuffle_buffer
-        if self.tokenizer is not None:
-            self._check_tokenizer()
 
     def _check_tokenizer(self) -> None:
         tokenizer = self.tokenizer
@@ -107,6 +113,9 @@ class LanguageModelingData(TaskDataModule):
                             "wordpiece).")
         if self.objective == "clm" and tokenizer.eos_token_id is None:
             log.warning("The tokenizer has no eos token: packed documents run into one another unmarked.")
+        if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+            tokenizer.pad_token = tokenizer.eos_token  # GPT-2 and Llama tokenizers have none; padded labels are -100
+            log.info("The tokenizer has no pad token: padding with its eos token %r.", tokenizer.eos_token)
         if self.block_size > tokenizer.model_max_length:
             log.warning("dataset.block_size=%d is longer than the tokenizer's model_max_length=%d.",
                         self.block_size, tokenizer.model_max_length)
@@ -159,8 +168,11 @@ class LanguageModelingData(TaskDataModule):
             columns["position_ids"] = [list(range(len(ids))) for ids in columns["input_ids"]]
         joined = {key: list(itertools.chain.from_iterable(values)) for key, values in columns.items()}
         usable = len(joined["input_ids"]) // self.block_size * self.block_size
-        return {key: [values[i:i + self.block_size] for i in range(0, usable, self.block_size)]
-                for key, values in joined.items()}
+        blocks = {key: [values[i:i + self.block_size] for i in range(0, usable, self.block_size)]
+                  for key, values in joined.items()}
+        if "position_ids" in blocks:  # a document cut by a block boundary restarts at 0 in the next block
+            blocks["position_ids"] = [_restart_at_block(positions) for positions in blocks["position_ids"]]
+        return blocks
 
     def _mask_once(self, columns: dict[str, list]) -> dict[str, list]:
         """Evaluation rows masked a single time, reproducibly (seeded by ``seed`` and the rows' first tokens)."""
@@ -198,7 +210,12 @@ class LanguageModelingData(TaskDataModule):
     def collate(self, features: list[dict]) -> dict:
         if not hasattr(self, "_collator"):
             self._collator = self._masker()
-        if "labels" in features[0]:  # evaluation rows of masked-LM, masked once already: pad them only
+        if self.objective == "clm" and self.packing == "group_texts":
+            # Full blocks, nothing to pad: labels are the inputs (the model shifts them), eos included even where
+            # a tokenizer pads with eos (the collator would turn those labels into -100).
+            batch = {key: torch.tensor([f[key] for f in features]) for key in features[0]}
+            batch["labels"] = batch["input_ids"].clone()
+        elif "labels" in features[0]:  # evaluation rows of masked-LM, masked once already: pad them only
             labels = [f["labels"] for f in features]
             batch = self.tokenizer.pad([{k: v for k, v in f.items() if k != "labels"} for f in features],
                                        pad_to_multiple_of=self.pad_to_multiple_of, return_tensors="pt")
@@ -249,10 +266,12 @@ class LanguageModelingData(TaskDataModule):
         return blocks.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer) if split == "train" else blocks
 
     def _prepare(self) -> None:
+        if self.datasets is None:
+            self._check_tokenizer()
         if not self.streaming:
             return super()._prepare()
         if self.datasets is None:
-            self.datasets = {split: None for split in self._local_files()} if self.data_dir else {}
+            self.datasets = {split: None for split in SPLITS if self.has_split(split)}
 
     def _loader(self, split: str) -> Any:
         if not self.streaming:
@@ -272,6 +291,8 @@ class LanguageModelingData(TaskDataModule):
     def has_split(self, split: str) -> bool:
         if not self.streaming:
             return super().has_split(split)
+        if self.hub_name and not self.data_dir:
+            return split != "test" or "test" in self.hub_splits
         return split in self._local_files()
 
     @property
@@ -364,16 +385,18 @@ class LanguageModelingTask(TaskModule):
         pass  # the token losses are counted in _eval_step, where the rows this rank owns are known
 
     def _eval_step(self, stage: str, batch: dict) -> None:
-        outputs = self(**batch)
+        # The token losses are computed here, once, rather than by the model (which only returns their mean).
         labels = batch["labels"]
-        self.log(f"{stage}/loss", outputs.loss, prog_bar=stage == "val", sync_dist=True, batch_size=len(labels))
-        logits = outputs.logits
+        logits = self(**{k: v for k, v in batch.items() if k != "labels"}).logits
         if self.objective == "clm":  # position t predicts token t + 1
             logits, labels = logits[:, :-1], labels[:, 1:]
-        losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+        losses = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
                                  reduction="none").view(labels.shape)
+        counted = labels != -100
+        self.log(f"{stage}/loss", losses.sum() / counted.sum().clamp(min=1), prog_bar=stage == "val",
+                 sync_dist=True, batch_size=len(labels))
         own = self.own_rows(stage, len(labels))  # rows DistributedSampler repeats to even out the ranks come last
-        self.metrics[stage]["perplexity"].update(losses[:own].sum(), (labels[:own] != -100).sum())
+        self.metrics[stage]["perplexity"].update(losses[:own].sum(), counted[:own].sum())
         if stage == "val" and self._prompts is None and self.show_examples:
             self._prompts = batch["input_ids"][: self.show_examples].detach().cpu()
 
@@ -396,7 +419,7 @@ class LanguageModelingTask(TaskModule):
             torch.manual_seed(0)
             generated = self.model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts),
                                             do_sample=True, top_k=50, max_new_tokens=self.sample_tokens,
-                                            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+                                            pad_token_id=tokenizer.pad_token_id)
         self.model.train(was_training)
         width = self.prompt_tokens
         return [{"row": row, "source": tokenizer.decode(prompts[row], skip_special_tokens=True),
@@ -405,10 +428,3 @@ class LanguageModelingTask(TaskModule):
                                                  skip_special_tokens=True)]}
                 for row in range(len(prompts))]
 
-    def export(self, directory, tokenizer: Any):
-        config = self.model.config
-        if getattr(config, "quantization_config", None) is not None:
-            # A GGUF checkpoint is dequantised on load: the weights saved here are plain floats, and a config still
-            # naming the quantization would not load.
-            del config.quantization_config
-        return super().export(directory, tokenizer)
