@@ -319,8 +319,14 @@ def test_a_gguf_causal_lm_fine_tunes_and_exports_a_standard_hf_directory(tmp_pat
     model = AutoModelForCausalLM.from_pretrained(export).eval()
     tokenizer = load_tokenizer(tokenizer=str(export))
     ids = tokenizer("ROMEO: But soft, what light", return_tensors="pt").input_ids
-    task = LanguageModelingTask.load_from_checkpoint(metrics["best_model_path"], map_location="cpu").eval()
+    # The export is the checkpoint's weights (compared directly: rebuilding the module would dequantise the GGUF again).
+    trained = torch.load(metrics["best_model_path"], map_location="cpu", weights_only=False)["state_dict"]
+    exported = model.state_dict()
+    shared = [key for key in trained if key.removeprefix("model.") in exported]
+    assert len(shared) == len(exported) > 200
+    assert all(torch.equal(exported[key.removeprefix("model.")], trained[key]) for key in shared)
+    assert trained["model.model.layers.0.self_attn.q_proj.weight"].dtype == torch.float32
     with torch.no_grad():
-        assert torch.allclose(model(ids).logits, task.model(ids).logits, atol=1e-4)
+        assert torch.isfinite(model(ids).logits).all()
     generated = pipeline("text-generation", model=str(export))("ROMEO:", max_new_tokens=4, do_sample=False)
     assert generated[0]["generated_text"].startswith("ROMEO:")
