@@ -4,8 +4,9 @@ Two corpora from ../shared/data: Tiny Shakespeare (the first 90% of its speeches
 WikiText-2 (only its valid and test files are here: train on valid, evaluate on test). For each, one byte-level BPE
 tokenizer of 8,000 tokens is trained on the training text by ``lightning_ft.tokenizer_training`` and both sides use
 it, with the same small GPT-2 from a config (``conf/backbone/gpt2_small_scratch.yaml``: 4 layers, 256 wide) and seed
-42, the same blocks of 128 tokens, batch 32, steps, AdamW (lr 1e-3, weight decay 0.01, none on biases and norms),
-linear schedule with 5% warmup, clipping at 1.0 and bf16 autocast, and no evaluation inside the timed training.
+42 (--seed), the same blocks of 128 tokens, batch 32, steps, AdamW (lr 1e-3, weight decay 0.01, none on biases
+and norms), linear schedule with 5% warmup, clipping at 1.0 and bf16 autocast,
+and no evaluation inside the timed training.
 
 - HF side: ``run_clm.py`` written out: ``load_dataset("text")``, its ``tokenize_function`` and ``group_texts`` (labels
   a copy of the inputs), ``default_data_collator``, ``Trainer(max_steps=...)``, then ``trainer.evaluate()``: perplexity
@@ -91,12 +92,12 @@ def shared_perplexity(model, blocks: list[list[int]]) -> float:
     return math.exp(total / count)
 
 
-def lightning_ft_clm(name: str, data_dir: Path, documents: str, tokenizer_dir: Path, steps: int) -> dict:
+def lightning_ft_clm(name: str, data_dir: Path, documents: str, tokenizer_dir: Path, steps: int, seed: int) -> dict:
     overrides = ["task=clm", f"dataset={name}", f"dataset.data_dir={data_dir}", f"dataset.documents={documents}",
                  f"backbone.tokenizer={tokenizer_dir}", "~backbone.train_tokenizer", f"dataset.block_size={BLOCK}",
                  f"dataset.batch_size={BATCH}", f"optim.lr={LR}", f"optim.weight_decay={DECAY}",
                  f"scheduler.warmup_ratio={WARMUP}"]
-    module, datamodule = lightning_ft_module(overrides, seed=42)
+    module, datamodule = lightning_ft_module(overrides, seed=seed)
     timer = lightning_timer()
     timed_trainer(timer, precision="bf16-mixed", max_steps=steps).fit(module, datamodule=datamodule)
     import pytorch_lightning as pl
@@ -111,7 +112,7 @@ def lightning_ft_clm(name: str, data_dir: Path, documents: str, tokenizer_dir: P
             "eval_blocks": len(blocks), "blocks": blocks}
 
 
-def hf_run_clm(data_dir: Path, documents: str, tokenizer_dir: Path, steps: int, out: Path) -> dict:
+def hf_run_clm(data_dir: Path, documents: str, tokenizer_dir: Path, steps: int, out: Path, seed: int) -> dict:
     from itertools import chain
 
     import datasets
@@ -125,7 +126,7 @@ def hf_run_clm(data_dir: Path, documents: str, tokenizer_dir: Path, steps: int, 
     )
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    set_seed(42)
+    set_seed(seed)
     model = AutoModelForCausalLM.from_config(gpt2_config(tokenizer))
     raw = datasets.load_dataset("text", data_files={"train": str(data_dir / "train.txt"),
                                                     "validation": str(data_dir / "validation.txt")},
@@ -152,7 +153,7 @@ def hf_run_clm(data_dir: Path, documents: str, tokenizer_dir: Path, steps: int, 
         output_dir=str(out), per_device_train_batch_size=BATCH, per_device_eval_batch_size=2 * BATCH,
         learning_rate=LR, weight_decay=DECAY, max_grad_norm=1.0, max_steps=steps, lr_scheduler_type="linear",
         warmup_steps=WARMUP, logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[],
-        use_cpu=True, seed=42, dataloader_num_workers=0, disable_tqdm=True, bf16=True,
+        use_cpu=True, seed=seed, dataloader_num_workers=0, disable_tqdm=True, bf16=True,
     )
     trainer = Trainer(model=model, args=args, train_dataset=lm["train"], eval_dataset=lm["validation"],
                       data_collator=default_data_collator, processing_class=tokenizer, callbacks=[timer])
@@ -170,6 +171,7 @@ def main() -> None:
     parser.add_argument("--corpora", default="tiny_shakespeare,wikitext2")
     parser.add_argument("--steps", type=int, default=800, help="optimizer steps per side and corpus")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=42, help="both sides: weights, order, dropout")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -186,8 +188,9 @@ def main() -> None:
         tokenizer = train_tokenizer(texts, algorithm="bpe", vocab_size=VOCAB, add_eos=False)
         tokenizer_dir = folder / name / "tokenizer"
         tokenizer.save_pretrained(tokenizer_dir)
-        runs = {"hf_trainer": hf_run_clm(data_dir, documents, tokenizer_dir, args.steps, folder / name / "hf"),
-                "lightning_ft": lightning_ft_clm(name, data_dir, documents, tokenizer_dir, args.steps)}
+        runs = {"hf_trainer": hf_run_clm(data_dir, documents, tokenizer_dir, args.steps, folder / name / "hf",
+                                         args.seed),
+                "lightning_ft": lightning_ft_clm(name, data_dir, documents, tokenizer_dir, args.steps, args.seed)}
         same = runs["hf_trainer"].pop("blocks") == runs["lightning_ft"].pop("blocks")
         print(name, json.dumps(runs), "identical evaluation blocks:", same, flush=True)
         base = runs["hf_trainer"]["tokens"] / runs["hf_trainer"]["seconds"]
@@ -203,7 +206,8 @@ def main() -> None:
         f"({datetime.date.today()})\n",
         f"Command: `{command.strip()}`  ",
         f"Machine: {environment()}  ",
-        f"{Path(__file__).name} docstring: what each side does. Per corpus HF ran first, then lightning_ft, one seed.",
+        f"{Path(__file__).name} docstring: what each side does. Per corpus HF ran first, then lightning_ft, "
+        f"seed {args.seed}.",
         "",
         *lines,
         "",
