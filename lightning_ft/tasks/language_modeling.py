@@ -361,7 +361,7 @@ class LanguageModelingTask(TaskModule):
             # No cache: it is not used in training, and with one transformers would not read packed documents from
             # the position ids.
             inputs["use_cache"] = False
-        return self.model(**inputs)
+        return super().forward(**inputs)
 
     def _check_isolation(self) -> None:
         """Refuse ``isolated`` for a backbone that lets a packed document see the one before it."""
@@ -381,11 +381,9 @@ class LanguageModelingTask(TaskModule):
                 f"backbone {model.config.model_type} does not isolate packed documents (its attention ignores "
                 "restarting position ids): use dataset.document_attention=shared, or dataset.packing=line_by_line.")
 
-    def update_metrics(self, metrics: MetricCollection, outputs: Any, batch: dict) -> None:
-        pass  # the token losses are counted in _eval_step, where the rows this rank owns are known
-
     def _eval_step(self, stage: str, batch: dict) -> None:
-        # The token losses are computed here, once, rather than by the model (which only returns their mean).
+        # Replaces the base's step (and its update_metrics): the token losses are computed here, once, rather than
+        # by the model (which only returns their mean), and counted only for the rows this rank owns.
         labels = batch["labels"]
         logits = self(**{k: v for k, v in batch.items() if k != "labels"}).logits
         if self.objective == "clm":  # position t predicts token t + 1
