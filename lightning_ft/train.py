@@ -10,12 +10,14 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from lightning_ft import IMPORTED_AT
 from lightning_ft.config import register_resolvers
 from lightning_ft.errors import UserError
 from lightning_ft.paths import config_dir
@@ -82,17 +84,61 @@ def _checkpoint_tokenizer(ckpt_path: str | None) -> Path | None:
     """The trained tokenizer a checkpoint's model was built with, when it still exists."""
     if not ckpt_path:
         return None
-    import torch
+    from lightning_ft.lifecycle import read_checkpoint
 
-    try:
-        saved = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:  # torch raises many types for a file that is not a checkpoint
-        raise UserError(f"ckpt_path '{ckpt_path}' is not a readable checkpoint ({type(err).__name__}: {err}).") from err
+    saved = read_checkpoint(ckpt_path)
     folder = (saved.get("hyper_parameters", {}).get("backbone") or {}).get("tokenizer")
     if folder and not Path(folder).is_dir():
         raise UserError(f"the checkpoint's model was built for the tokenizer in '{folder}', which no longer exists: "
                         "restore that folder (its run directory's tokenizer/) to use this checkpoint.")
     return Path(folder) if folder else None
+
+
+def _checkpoint_to_use(cfg: DictConfig, run_dir: Path) -> str | None:
+    """``ckpt_path`` if given (checked readable), else with ``resume=auto`` the newest good checkpoint of the run
+    directory, else None."""
+    from lightning_ft.lifecycle import RESUME_CHOICES, find_resume_checkpoint, read_checkpoint
+
+    resume = cfg.get("resume")
+    if resume not in RESUME_CHOICES:
+        raise UserError(f"resume={resume} is not a choice: use resume=auto (continue from the newest checkpoint of "
+                        "run_dir) or leave it unset, and ckpt_path=<file> for a given checkpoint.")
+    if cfg.ckpt_path:
+        read_checkpoint(cfg.ckpt_path)
+        return str(cfg.ckpt_path)
+    if resume == "auto" and cfg.train:
+        found = find_resume_checkpoint(run_dir)
+        if found is None:
+            log.info("resume=auto: no checkpoint in %s yet, starting from the beginning.", run_dir / "checkpoints")
+            return None
+        log.info("resume=auto: continuing from %s", found)
+        return str(found)
+    return None
+
+
+LOGGER_RUN_KEYS = {"WandbLogger": "id", "MLFlowLogger": "run_id"}  # the argument that reopens a logger's run
+
+
+def _build_loggers(cfg: DictConfig, run_dir: Path, resume_step: int | None) -> list[tuple[str, Any]]:
+    """The configured loggers; on a resume, wandb and MLflow reopen the run they logged to before, and the CSV log
+    keeps the rows logged before the checkpoint's step."""
+    from hydra.utils import instantiate
+
+    saved_path = run_dir / "logger_runs.json"
+    resuming = resume_step is not None
+    saved = json.loads(saved_path.read_text()) if resuming and saved_path.is_file() else {}
+    loggers = []
+    for name, node in (cfg.get("logger") or {}).items():
+        if node is None:
+            continue
+        kind = str(node.get("_target_", "")).rsplit(".", 1)[-1]
+        extra = {LOGGER_RUN_KEYS[kind]: saved[name]} if kind in LOGGER_RUN_KEYS and saved.get(name) else {}
+        if extra and kind == "WandbLogger":
+            extra["resume"] = "allow"
+        if resuming and str(node.get("_target_")) == "lightning_ft.lifecycle.CSVLogger":
+            extra["keep_until_step"] = resume_step
+        loggers.append((name, instantiate(node, **extra)))
+    return loggers
 
 
 def train(cfg: DictConfig) -> float | None:
@@ -101,15 +147,16 @@ def train(cfg: DictConfig) -> float | None:
     import torch
     from hydra.utils import instantiate
 
+    from lightning_ft.lifecycle import AtomicCheckpointIO, PreemptionCheckpoint, check_checkpoint_fits, read_checkpoint
+    from lightning_ft.report import RunRecord, save_environment, write_report
     from lightning_ft.throughput import ThroughputMonitor, resolve_precision
 
-    if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
-        raise UserError(
-            f"ckpt_path '{cfg.ckpt_path}' does not exist (resolved to {Path(cfg.ckpt_path).resolve()}): give the path "
-            "of a .ckpt file, e.g. <run dir>/checkpoints/last.ckpt."
-        )
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = _checkpoint_to_use(cfg, run_dir)
+    with open_dict(cfg):
+        cfg.ckpt_path = ckpt_path
+        skip_nonfinite = bool(cfg.trainer.pop("skip_nonfinite", False))
     pl.seed_everything(cfg.seed, workers=True)
 
     tokenizer, datamodule = _tokenizer_and_data(cfg, run_dir)
@@ -122,6 +169,10 @@ def train(cfg: DictConfig) -> float | None:
             "backbone.tokenizer the model's own tokenizer, or build the model fresh (backbone.pretrained=false)."
         )
 
+    if ckpt_path:
+        check_checkpoint_fits(read_checkpoint(ckpt_path), ckpt_path, module)
+    module.skip_nonfinite = skip_nonfinite
+
     metric, mode = module.monitor
     with open_dict(cfg):
         cfg.monitor = cfg.monitor or metric
@@ -129,24 +180,37 @@ def train(cfg: DictConfig) -> float | None:
         cfg.trainer.precision = resolve_precision(cfg.trainer.get("precision", "auto"),
                                                   cfg.trainer.get("accelerator", "auto"))
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    results: dict[str, Any] = {"monitor": cfg.monitor, "precision": str(cfg.trainer.precision),
+                               "data": datamodule.preparation, "resumed_from": ckpt_path if cfg.train else None,
+                               "environment": save_environment(run_dir)}
 
-    callbacks = _build(cfg.get("callbacks"))
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=_build(cfg.get("logger")) or False)
+    resuming = bool(cfg.train and ckpt_path)
+    resume_step = int(read_checkpoint(ckpt_path).get("global_step", 0)) if resuming else None
+    record = RunRecord()
+    callbacks = [*_build(cfg.get("callbacks")), record, PreemptionCheckpoint(str(run_dir / "checkpoints"))]
+    loggers = _build_loggers(cfg, run_dir, resume_step)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=[lg for _, lg in loggers] or False,
+                          plugins=[AtomicCheckpointIO()])
+    if skip_nonfinite and trainer.world_size > 1:
+        raise UserError("trainer.skip_nonfinite=true works on one device only (a step skipped on one rank would hang "
+                        "the others' gradient all-reduce): leave it false with several devices.")
     # The callback keeping the best checkpoint by the monitored metric (not the one keeping last.ckpt).
     checkpoint = next((cb for cb in trainer.checkpoint_callbacks if cb.monitor == cfg.monitor), None)
 
-    results: dict[str, Any] = {"monitor": cfg.monitor, "precision": str(cfg.trainer.precision),
-                               "data": datamodule.preparation}
-    if cfg.train and cfg.get("validate_before") and not cfg.ckpt_path:
+    if cfg.train and cfg.get("validate_before") and not ckpt_path:
         before = trainer.validate(module, datamodule=datamodule)[0]
         results["before_training"] = {k: float(v) for k, v in before.items()}
     if cfg.train:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        if trainer.is_global_zero:
+            _save_logger_runs(loggers, run_dir)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        if module.skipped_steps:
+            results["skipped_nonfinite_steps"] = module.skipped_steps
         throughput = next((cb for cb in trainer.callbacks if isinstance(cb, ThroughputMonitor)), None)
         if throughput is not None and throughput.summary:
             results["throughput"] = throughput.summary
     best_path = checkpoint.best_model_path if checkpoint and checkpoint.best_model_path else None
-    weights = best_path if cfg.train else cfg.ckpt_path
+    weights = best_path if cfg.train else ckpt_path
     if weights:  # test and export the best weights, not the last ones
         module.load_state_dict(torch.load(weights, map_location="cpu", weights_only=False)["state_dict"])
 
@@ -170,9 +234,25 @@ def train(cfg: DictConfig) -> float | None:
             results["examples"] = module.examples
         if cfg.export and not trainer.fast_dev_run:
             results["export_dir"] = str(module.export(run_dir / "hf_model", datamodule.tokenizer))
+        results["wall_seconds"] = time.perf_counter() - IMPORTED_AT
+        results["report"] = str(write_report(run_dir, OmegaConf.to_container(cfg, resolve=True), results,
+                                             record if cfg.train else None))
         (run_dir / "metrics.json").write_text(json.dumps(results, indent=2))
         _print_summary(results, run_dir)
     return results.get("best_score")
+
+
+def _save_logger_runs(loggers: list[tuple[str, Any]], run_dir: Path) -> None:
+    """Record the wandb/MLflow run ids, so that a resume logs into the same runs."""
+    runs = {}
+    for name, logger in loggers:
+        kind = type(logger).__name__
+        if kind == "WandbLogger":
+            runs[name] = logger.experiment.id
+        elif kind == "MLFlowLogger":
+            runs[name] = logger.run_id
+    if runs:
+        (run_dir / "logger_runs.json").write_text(json.dumps(runs, indent=2))
 
 
 def _print_summary(results: dict[str, Any], run_dir: Path) -> None:
@@ -237,8 +317,25 @@ def _print_summary(results: dict[str, Any], run_dir: Path) -> None:
         for split, counts in data.get("problems", {}).items():
             found = ", ".join(f"{count} {kind.replace('_', ' ')}" for kind, count in counts.items())
             console.print(f"Data problems in {split} (details in the log above): {found}.")
+    if results.get("skipped_nonfinite_steps"):
+        console.print(f"Skipped {results['skipped_nonfinite_steps']} steps whose loss was not finite.")
     if results.get("export_dir"):
         console.print(f"Hugging Face model: {results['export_dir']}")
+    console.print(f"Report: {results['report']}")
+
+
+def _multirun_job_dir(cfg: DictConfig) -> None:
+    """In a multirun, each job writes into its own sweep subdirectory (unless its overrides give run_dir)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    given = any(o.split("=", 1)[0].lstrip("+~") == "run_dir" for o in hydra_cfg.overrides.task)
+    if hydra_cfg.mode == RunMode.MULTIRUN and not given:
+        with open_dict(cfg):
+            cfg.run_dir = hydra_cfg.runtime.output_dir
 
 
 register_resolvers()
@@ -247,12 +344,24 @@ register_resolvers()
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from lightning_ft.lifecycle import Preempted
+
+    _multirun_job_dir(cfg)
     try:
         return train(cfg)
     except UserError as err:
         log.error("%s", err)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except Preempted as stop:
+        log.warning("%s", stop)
+        sys.exit(128 + stop.signum)
+    except SIGTERMException:  # the checkpoint was written at the end of the step (or, during validation, before)
+        log.warning("stopped on SIGTERM; resume=auto continues from the newest checkpoint in %s.",
+                    Path(cfg.run_dir) / "checkpoints")
+        sys.exit(128 + 15)
 
 
 if __name__ == "__main__":

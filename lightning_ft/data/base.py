@@ -16,7 +16,9 @@ from typing import Any
 
 import pyarrow.compute as pc
 import pytorch_lightning as pl
-from torch.utils.data import DataLoader
+import torch
+from torch.utils.data import DataLoader, Sampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lightning_ft.errors import UserError
 
@@ -80,6 +82,52 @@ def tokenizer_signature(tokenizer: Any) -> str:
         text = json.dumps(sorted(tokenizer.get_vocab().items()))
     special = json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
     return hashlib.sha256((type(tokenizer).__name__ + text + special).encode()).hexdigest()[:16]
+
+
+
+class EpochShuffle(Sampler[int]):
+    """The training order: a new shuffle every epoch, drawn from ``seed + epoch`` alone (not the global random
+    state), so a resumed run replays the very order it was interrupted in. With ``lengths``, rows are grouped by
+    length as transformers' ``LengthGroupedSampler`` does (shuffled mega-batches of 50 batches, sorted by length
+    inside): far less padding, the epoch still shuffled."""
+
+    def __init__(self, size: int, seed: int, lengths: list[int] | None = None, batch_size: int = 1) -> None:
+        self.size, self.seed, self.lengths, self.batch_size = size, seed, lengths, batch_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls it before each epoch (also through DDP's wrapper)
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        if self.lengths is None:
+            return iter(torch.randperm(self.size, generator=generator).tolist())
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+    def __len__(self) -> int:
+        return self.size
+
+class ResumableLoader(StatefulDataLoader):
+    """torchdata's ``StatefulDataLoader`` (its state: how far into the epoch it has read) plus the sampler's epoch.
+
+    A resumed run creates its iterator before Lightning sets the epoch, so the epoch must come with the state; and
+    a checkpoint taken after the epoch's last batch (the end-of-epoch validation) starts the next epoch afresh,
+    where torchdata would re-read the finished one."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "epoch": getattr(self.sampler, "epoch", None)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        epoch = state.pop("epoch", None)
+        if epoch is not None and state.get("_num_yielded", 0) >= len(self):
+            epoch, state = epoch + 1, {}
+        if epoch is not None and hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)  # DDP's sampler wrapper passes it on to ours
+        if state:
+            super().load_state_dict(state)
 
 
 class TaskDataModule(pl.LightningDataModule):
@@ -375,18 +423,27 @@ class TaskDataModule(pl.LightningDataModule):
             # On a GPU, loading in workers keeps the device fed. On CPU the model needs every core and collating
             # padded batches took under 2% of training time (data_wait in the throughput summary), so no workers.
             workers = min(4, (os.cpu_count() or 1) // max(self.trainer.num_devices, 1)) if on_gpu else 0
-        if split == "train" and self.group_by_length:
-            # transformers' sampler: shuffled mega-batches of 50 batches, sorted by length inside, so a batch holds
-            # rows of similar length (little padding) while the epoch stays shuffled, in a new order every epoch.
-            from transformers.trainer_pt_utils import LengthGroupedSampler
-
+        if split != "train":
+            return DataLoader(data, batch_size=self.eval_batch_size, collate_fn=self.collate, num_workers=workers,
+                              persistent_workers=workers > 0, pin_memory=on_gpu)
+        lengths = None
+        if self.group_by_length:
             lengths = pc.list_value_length(data.with_format("arrow")["input_ids"]).to_pylist()
-            sampler = LengthGroupedSampler(self.batch_size, lengths=lengths)
-        return DataLoader(
+        # A stateful loader over an order that depends only on (seed, epoch): a checkpoint records how many batches
+        # of the epoch were read, and a resumed run skips exactly those (trainer.fit with a mid-epoch checkpoint).
+        sampler = EpochShuffle(len(data), seed=self.seed, lengths=lengths, batch_size=self.batch_size)
+        # A run resumed from an end-of-epoch checkpoint creates its first iterator before Lightning sets the new
+        # epoch (and restores no loader state): start it in the epoch the loop will run.
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed)
+        return ResumableLoader(
             data,
-            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            shuffle=split == "train" and sampler is None,
+            batch_size=self.batch_size,
             sampler=sampler,
+            # Its own generator: creating an iterator then draws no number from the global one, so the dropout of
+            # a run resumed at an epoch start matches an uninterrupted run's.
+            generator=torch.Generator().manual_seed(self.seed),
             collate_fn=self.collate,
             num_workers=workers,
             persistent_workers=workers > 0,

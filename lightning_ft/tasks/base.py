@@ -6,6 +6,7 @@ A task subclass names its ``auto_class``, its metrics (``make_metrics``), how a 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,12 +19,42 @@ from lightning_ft.backbones import load_model
 from lightning_ft.errors import UserError
 from lightning_ft.optim import parameter_groups
 
+log = logging.getLogger("lightning_ft")
+
 STAGES = ("val", "test")
 
 
 def rows_of_rank(total: int, world_size: int, rank: int) -> int:
     """Rows of a ``total``-row split that ``DistributedSampler(shuffle=False)`` gives ``rank`` before padding."""
     return len(range(rank, total, world_size))
+
+
+def rng_states() -> dict[str, Any]:
+    """This process's random generators, as tensors and plain numbers only, so a checkpoint holding them still
+    loads with ``torch.load(weights_only=True)``."""
+    import random
+
+    import numpy as np
+
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"torch": torch.get_rng_state(), "cuda": cuda,
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
+            "python": random.getstate()}
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    kind, keys, position, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
 
 
 class TaskModule(pl.LightningModule):
@@ -38,6 +69,8 @@ class TaskModule(pl.LightningModule):
     """
 
     auto_class: Any = None  # e.g. transformers.AutoModelForSequenceClassification
+    skip_nonfinite: bool = False  # from trainer.skip_nonfinite: skip a step whose loss is NaN/inf instead of stopping
+    skipped_steps: int = 0
     default_monitor: tuple[str, str] = ("val/loss", "min")
     non_model_keys: tuple[str, ...] = ()  # batch entries the metrics read but the model does not take
 
@@ -78,10 +111,28 @@ class TaskModule(pl.LightningModule):
     def forward(self, **inputs: Any) -> Any:
         return self.model(**{k: v for k, v in inputs.items() if k not in self.non_model_keys})
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         loss = self(**batch).loss
+        if not torch.isfinite(loss):  # the progress bar reads the loss every step anyway: this sync costs nothing
+            return self._non_finite(loss, batch_idx)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
         return loss
+
+    def _non_finite(self, loss: torch.Tensor, batch_idx: int) -> None:
+        where = f"step {self.global_step + 1} (epoch {self.current_epoch}, batch {batch_idx})"
+        if self.skip_nonfinite:
+            self.skipped_steps += 1
+            log.warning("training loss is %s at %s: step skipped (trainer.skip_nonfinite=true; %d skipped so far).",
+                        loss.item(), where, self.skipped_steps)
+            return None  # Lightning skips backward and the optimizer step
+        saved = [Path(p) for cb in self.trainer.checkpoint_callbacks for p in (cb.best_model_path, cb.last_model_path)
+                 if p and Path(p).is_file()]
+        last_good = max(saved, key=lambda p: p.stat().st_mtime_ns) if saved else None
+        raise UserError(
+            f"the training loss is {loss.item()} at {where}: stopped rather than train on it. Last good checkpoint: "
+            f"{last_good or 'none yet'}. Lower optim.lr, keep trainer.gradient_clip_val, try "
+            "trainer.precision=32-true, or set trainer.skip_nonfinite=true to skip such steps."
+        )
 
     def _eval_step(self, stage: str, batch: dict) -> None:
         outputs = self(**batch)
@@ -135,6 +186,10 @@ class TaskModule(pl.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
+        # estimated_stepping_batches sets the training loader up before Lightning restores a checkpoint's loop state,
+        # and fit then reuses that loader, ignoring the saved data position (a resumed run would re-read its epoch
+        # from the start). Dropping it makes fit set the loader up again, after the restore.
+        self.trainer.fit_loop._combined_loader = None
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(
@@ -161,6 +216,33 @@ class TaskModule(pl.LightningModule):
                 torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
             return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # What wrote the checkpoint, so that a resume, a test or a prediction can say plainly when it is given a
+        # checkpoint of another task or backbone instead of failing on missing weights.
+        checkpoint["lightning_ft"] = {"task": f"{type(self).__module__}.{type(self).__qualname__}",
+                                      "backbone": self.hparams.get("backbone")}
+        # The random generators (dropout, masking, sampling), every rank's, so a resumed run draws what an
+        # uninterrupted one would. Lightning does not save them.
+        states = rng_states()
+        if self.trainer.world_size > 1:
+            gathered: list[Any] = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, states)
+            checkpoint["rng_states"] = gathered
+        else:
+            checkpoint["rng_states"] = [states]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("rng_states") or []
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        self._rng_to_restore = states[rank] if rank < len(states) else (states[0] if states else None)
+
+    def on_train_start(self) -> None:
+        # Restored here, after the sanity check and loader set-up, right before the first resumed training step.
+        states, self._rng_to_restore = getattr(self, "_rng_to_restore", None), None
+        if states is not None:
+            set_rng_states(states)
 
     # ---- export ------------------------------------------------------------------------------------------------
     def export(self, directory: str | Path, tokenizer: Any) -> Path:

@@ -277,6 +277,7 @@ class LanguageModelingData(TaskDataModule):
         if not self.streaming:
             return super()._loader(split)
         from torch.utils.data import DataLoader
+        from torchdata.stateful_dataloader import StatefulDataLoader
 
         trainer = self.trainer
         if split == "train" and trainer.max_steps < 0:
@@ -285,8 +286,11 @@ class LanguageModelingData(TaskDataModule):
         blocks = self.stream_blocks(split, trainer.global_rank, trainer.world_size)
         data = _Repeated(blocks) if split == "train" else blocks
         workers = self.num_workers or 0
-        return DataLoader(data, batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-                          collate_fn=self.collate, num_workers=workers, persistent_workers=workers > 0)
+        # Training: a stateful loader, so a resumed run skips the blocks already trained on (the stream's order is
+        # fixed by its seed and pass number).
+        loader = StatefulDataLoader if split == "train" else DataLoader
+        return loader(data, batch_size=self.batch_size if split == "train" else self.eval_batch_size,
+                      collate_fn=self.collate, num_workers=workers, persistent_workers=workers > 0)
 
     def has_split(self, split: str) -> bool:
         if not self.streaming:

@@ -1,0 +1,198 @@
+"""The run lifecycle: atomic checkpoints, finding the checkpoint to resume from, checking that a checkpoint fits the
+run, and stopping cleanly on preemption signals.
+
+Exact resume has three parts: Lightning restores model, optimizer, scheduler, precision scaler and loop counters;
+the training loader is a ``StatefulDataLoader`` over a sampler whose order depends only on (seed, epoch), so the
+loader skips the batches already seen; and ``TaskModule`` saves and restores the random number generators.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import CSVLogger as LightningCSVLogger
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+from lightning_ft.errors import UserError
+
+log = logging.getLogger("lightning_ft")
+RESUME_CHOICES = (None, False, "auto")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint to a temporary file and renames it into place, so a process killed while saving leaves
+    the previous complete checkpoint, never a truncated one. (Lightning's own save writes the target file directly.)"""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        target = str(path)
+        if "://" in target:  # remote filesystems: no rename there; keep Lightning's behaviour
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        target_path = Path(target)
+        target_path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = target_path.with_name(f".{target_path.name}.partial")
+        super().save_checkpoint(checkpoint, temporary, storage_options)
+        os.replace(temporary, target_path)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint's contents (tensors memory-mapped, so this is cheap), or a UserError saying what is
+    wrong with the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"ckpt_path '{path}' does not exist (resolved to {path.resolve()}): give the path of a .ckpt "
+                        "file, e.g. <run dir>/checkpoints/last.ckpt, or resume=auto with run_dir=<run dir>.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # torch raises many types for a truncated or foreign file
+        raise UserError(f"checkpoint '{path}' cannot be read, it is truncated or not a checkpoint "
+                        f"({type(err).__name__}: {str(err)[:200]}): give another checkpoint, or resume=auto to take "
+                        "the newest good one.") from err
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise UserError(f"'{path}' is not a Lightning checkpoint (no state_dict in it): give a .ckpt written by a "
+                        "lightning_ft run (<run dir>/checkpoints/).")
+    return checkpoint
+
+
+def find_resume_checkpoint(run_dir: Path) -> Path | None:
+    """The newest readable checkpoint with training state in ``run_dir`` (``checkpoints/*.ckpt``, and the
+    ``hpc_ckpt_*.ckpt`` Lightning writes on a SLURM requeue). Unreadable ones are skipped, with a warning."""
+    candidates = [*run_dir.glob("checkpoints/*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
+    for path in sorted(candidates, key=lambda p: p.stat().st_mtime_ns, reverse=True):
+        try:
+            checkpoint = read_checkpoint(path)
+        except UserError as err:
+            log.warning("resume=auto: skipping %s, %s Trying the previous checkpoint.", path, err)
+            continue
+        if "loops" not in checkpoint:
+            log.warning("resume=auto: skipping %s: it holds weights only, no training state.", path)
+            continue
+        return path
+    return None
+
+
+def check_checkpoint_fits(checkpoint: dict[str, Any], path: str | Path, module: pl.LightningModule) -> None:
+    """Refuse, in one sentence, a checkpoint written for another task, backbone or head size."""
+    written = checkpoint.get("lightning_ft") or {}
+    task = f"{type(module).__module__}.{type(module).__qualname__}"
+    if written.get("task") and written["task"] != task:
+        raise UserError(f"checkpoint '{path}' was written by {written['task'].rsplit('.', 1)[-1]} but this run is "
+                        f"{task.rsplit('.', 1)[-1]}: give a checkpoint of this task, or set task= to the "
+                        "checkpoint's task.")
+    ours = (module.hparams.get("backbone") or {}).get("name")
+    theirs = (written.get("backbone") or {}).get("name")
+    if ours and theirs and ours != theirs:
+        raise UserError(f"checkpoint '{path}' was trained from backbone '{theirs}' but this run builds "
+                        f"'{ours}': set backbone.name={theirs} (or the backbone config it used), or give a "
+                        "checkpoint of this backbone.")
+    expected = module.state_dict()
+    found = checkpoint["state_dict"]
+    wrong = [f"{k} {tuple(found[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+             if k in found and tuple(found[k].shape) != tuple(v.shape)]
+    missing = [k for k in expected if k not in found]
+    if wrong or missing:
+        detail = (f"weights of another shape ({'; '.join(wrong[:3])})" if wrong
+                  else f"no weights for {', '.join(missing[:3])}")
+        raise UserError(f"checkpoint '{path}' does not fit this model: {detail}. It was written for another task, "
+                        "backbone or label set: give a checkpoint of this run's task and backbone.")
+
+
+class Preempted(Exception):
+    """Raised after a preemption signal once the checkpoint is written; the entry point exits with 128 + signal."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+class PreemptionCheckpoint(pl.Callback):
+    """On SIGTERM or SIGUSR1 (what schedulers send before they stop a job), finish the current training step,
+    write ``last.ckpt`` and exit, so that ``resume=auto`` continues from that very step. Under SLURM with Lightning's
+    auto-requeue, Lightning's own SIGUSR1 handler (checkpoint + requeue) is left in charge of SIGUSR1."""
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = Path(dirpath)
+        self.received: int | None = None
+        self.pending: Preempted | None = None
+        self._previous: Any = None
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self.received = signum
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from lightning_fabric.plugins.environments import SLURMEnvironment
+
+        environment = trainer._accelerator_connector.cluster_environment
+        slurm_requeue = isinstance(environment, SLURMEnvironment) and environment.auto_requeue
+        if stage == "fit" and not slurm_requeue and hasattr(signal, "SIGUSR1"):
+            self._previous = signal.signal(signal.SIGUSR1, self._on_signal)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGUSR1, self._previous)
+            self._previous = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self.pending is not None:
+            return
+        signum = self.received or (signal.SIGTERM if trainer.received_sigterm else None)
+        if trainer.world_size > 1:  # every rank must take part in the save: stop if any rank was signalled
+            if not trainer.strategy.reduce_boolean_decision(signum is not None, all=False):
+                return
+            signum = signum or signal.SIGTERM
+        elif signum is None:
+            return
+        path = self.dirpath / "last.ckpt"
+        trainer.save_checkpoint(path)
+        name = signal.Signals(signum).name
+        self.pending = Preempted(signum, f"received {name}: saved step {trainer.global_step} to {path} and stopped; "
+                                         "run the same command with resume=auto (and the same run_dir) to continue.")
+        # The exit comes once the step's metrics are logged: Lightning raises at the end of the step on SIGTERM, and
+        # the hooks below stop before anything else runs.
+
+    def _stop(self, *args: Any) -> None:
+        if self.pending is not None:
+            raise self.pending
+
+    on_train_batch_start = on_validation_start = on_train_epoch_end = _stop
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self.pending is not None and exception is not self.pending:
+            log.warning("%s", self.pending)
+
+class CSVLogger(LightningCSVLogger):
+    """Lightning's CSV logger (``metrics.csv``), except that a resumed run keeps the rows its earlier attempts logged
+    up to the checkpoint's step (``keep_until_step``; train.py sets it). Lightning's deletes the file whenever the
+    folder is not empty, which would leave a resumed run's log starting at the resume point."""
+
+    def __init__(self, *args: Any, keep_until_step: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.keep_until_step = keep_until_step
+
+    @property
+    def experiment(self) -> Any:
+        if self._experiment is not None or self.keep_until_step is None:
+            return super().experiment
+        import csv
+
+        path = Path(self.log_dir) / "metrics.csv"
+        fields: list[str] = []
+        kept: list[dict[str, str]] = []
+        if path.is_file():
+            with path.open(newline="") as f:
+                reader = csv.DictReader(f)
+                fields = list(reader.fieldnames or [])
+                kept = [r for r in reader if not r.get("step") or int(float(r["step"])) < self.keep_until_step]
+        writer = super().experiment  # deletes metrics.csv
+        if fields and writer is not None:
+            with path.open("w", newline="") as f:
+                out = csv.DictWriter(f, fieldnames=fields)
+                out.writeheader()
+                out.writerows(kept)
+            writer.metrics_keys = sorted(fields)
+        return writer

@@ -1,0 +1,173 @@
+"""What a run leaves for a reader: ``report.md`` (config summary, metrics, throughput, wall time), a learning curve
+(``learning_curve.png``: training loss and the monitored validation metric against the step) and
+``environment.json`` (package versions, the project's git commit). The history behind the curve is part of every
+checkpoint, so a resumed run's curve starts at step 0 too."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+
+PACKAGES = ("lightning_ft", "torch", "pytorch-lightning", "transformers", "datasets", "tokenizers", "hydra-core",
+            "torchmetrics", "torchdata")
+
+
+def environment() -> dict[str, Any]:
+    """Versions of Python and the packages that decide a run's numbers, and the git commit of lightning_ft's source
+    (when it runs from a git checkout), with whether that checkout had uncommitted changes."""
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    info: dict[str, Any] = {"versions": versions, "platform": platform.platform(), "argv": sys.argv}
+    source = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=10)
+        if commit.returncode == 0:
+            status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=source,
+                                    capture_output=True, text=True, timeout=10)
+            info["git_commit"] = commit.stdout.strip()
+            info["git_dirty"] = bool(status.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass  # no git: the versions still say what ran
+    return info
+
+
+class RunRecord(pl.Callback):
+    """Keeps the training loss (every ``log_every_n_steps``) and the validation metrics (every validation) by step,
+    and the wall time; saved in checkpoints so a resumed run keeps the whole history."""
+
+    def __init__(self) -> None:
+        self.train_loss: list[tuple[int, float]] = []
+        self.validation: list[dict[str, float]] = []
+        self.wall_seconds = 0.0
+        self._started = time.perf_counter()
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._started = time.perf_counter()
+
+    def _elapsed(self) -> float:
+        now = time.perf_counter()
+        self.wall_seconds, self._started = self.wall_seconds + now - self._started, now
+        return self.wall_seconds
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, *args: Any) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is not None:  # every step: a few MB over 100k steps, and the curve shows short runs too
+            self.train_loss.append((trainer.global_step, float(loss)))
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/") and v.numel() == 1}
+        self.validation.append({"step": trainer.global_step, "epoch": trainer.current_epoch, **values})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_loss": self.train_loss, "validation": self.validation, "wall_seconds": self._elapsed()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.train_loss = [tuple(x) for x in state.get("train_loss", [])]
+        self.validation = list(state.get("validation", []))
+        self.wall_seconds = state.get("wall_seconds", 0.0)
+        self._started = time.perf_counter()
+
+
+def plot_learning_curve(record: RunRecord, monitor: str, path: Path) -> Path | None:
+    """Training loss (left axis) and the monitored metric (right axis) against the optimizer step."""
+    if not record.train_loss and not record.validation:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    figure, loss_axis = plt.subplots(figsize=(7, 4), dpi=100)
+    if record.train_loss:
+        steps, losses = zip(*record.train_loss, strict=True)
+        loss_axis.plot(steps, losses, color="tab:blue", marker="." if len(steps) < 50 else None, label="train/loss")
+    loss_axis.set_xlabel("optimizer step")
+    loss_axis.set_ylabel("train/loss", color="tab:blue")
+    points = [(v["step"], v[monitor]) for v in record.validation if monitor in v]
+    if points:
+        metric_axis = loss_axis.twinx()
+        steps, values = zip(*points, strict=True)
+        metric_axis.plot(steps, values, color="tab:orange", marker="o", label=monitor)
+        metric_axis.set_ylabel(monitor, color="tab:orange")
+    loss_axis.set_title("learning curve")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+def _table(rows: list[tuple[str, str]], header: tuple[str, str]) -> list[str]:
+    return [f"| {header[0]} | {header[1]} |", "|---|---|", *(f"| {a} | {b} |" for a, b in rows)]
+
+
+def write_report(run_dir: Path, cfg: dict[str, Any], results: dict[str, Any], record: RunRecord | None) -> Path:
+    """``report.md`` (and the learning curve it shows) for a finished run."""
+    argv = results["environment"]["argv"]
+    program = "python -m lightning_ft.train" if argv and argv[0].endswith("train.py") else (argv or [""])[0]
+    lines = [f"# lightning_ft run: {run_dir.name}", "", f"Command: `{' '.join([program, *argv[1:]])}`", ""]
+    backbone = cfg.get("backbone", {})
+    trainer = cfg.get("trainer", {})
+    dataset = cfg.get("dataset", {})
+    summary = [
+        ("task", str(cfg.get("task", {}).get("_target_", "")).rsplit(".", 1)[-1]),
+        ("backbone", f"{backbone.get('name')}" + ("" if backbone.get("pretrained", True) else " (built from config)")),
+        ("data", str(dataset.get("data_dir") or dataset.get("hub_name") or dataset.get("_target_"))),
+        ("batch size", str(dataset.get("batch_size"))),
+        ("learning rate", str(cfg.get("optim", {}).get("lr"))),
+        ("epochs / max steps", f"{trainer.get('max_epochs')} / {trainer.get('max_steps')}"),
+        ("precision", str(results.get("precision"))),
+        ("seed", str(cfg.get("seed"))),
+        ("resumed from", str(results.get("resumed_from"))),
+    ]
+    lines += ["## Configuration", "", *_table(summary, ("setting", "value")), "",
+              "The whole resolved config is in `config.yaml`, package versions in `environment.json`.", ""]
+    metrics = [(f"{section}: {name}", f"{value:.4f}") for section in ("validation", "test")
+               for name, value in sorted(results.get(section, {}).items())]
+    if results.get("best_score") is not None:
+        metrics.append((f"best {results['monitor']}", f"{results['best_score']:.4f}"))
+    lines += ["## Metrics", "", *_table(metrics, ("metric", "value")), ""]
+    if record is not None and record.validation:
+        lines += ["Validation by step:", "", "| step | epoch | " + f"{results['monitor']} |", "|---|---|---|"]
+        lines += [f"| {v['step']} | {v['epoch']} | {v.get(results['monitor'], float('nan')):.4f} |"
+                  for v in record.validation]
+        lines.append("")
+    speed = results.get("throughput")
+    if speed:
+        rows = [("samples/s", f"{speed['samples_per_sec']:.1f}"), ("real tokens/s", f"{speed['tokens_per_sec']:.0f}"),
+                ("padding", f"{speed['padding']:.1%}"), ("waiting for data", f"{speed['data_wait']:.1%}")]
+        if "mfu" in speed:
+            rows.append(("MFU", f"{speed['mfu']:.1%}"))
+        lines += ["## Throughput", "", *_table(rows, ("measure", "value")), ""]
+    wall = results.get("wall_seconds")
+    lines += ["## Time", "", f"Wall time of this process: {wall:.1f} s." if wall is not None else ""]
+    if record is not None:
+        lines.append(f"Training time over all attempts (resumes included): {record.wall_seconds:.1f} s.")
+    lines.append("")
+    if record is not None and plot_learning_curve(record, results["monitor"], run_dir / "learning_curve.png"):
+        lines += ["## Learning curve", "", "![learning curve](learning_curve.png)", ""]
+    for key, label in (("best_model_path", "Best checkpoint"), ("export_dir", "Hugging Face model")):
+        if results.get(key):
+            lines.append(f"{label}: `{results[key]}`  ")
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def save_environment(run_dir: Path) -> dict[str, Any]:
+    info = environment()
+    (run_dir / "environment.json").write_text(json.dumps(info, indent=2))
+    return info
