@@ -35,7 +35,9 @@ class Seq2SeqPipeline(Pipeline):
 
     def preprocess(self, text: str, truncation: bool = True) -> dict:
         prefix = getattr(self.model.config, "prefix", None) or ""
-        return dict(self.tokenizer(prefix + text, truncation=truncation, return_tensors="pt"))
+        encoding = self.tokenizer(prefix + text, truncation=truncation, return_tensors="pt")
+        # Only what an encoder-decoder takes: generate refuses a BERT-style tokenizer's token_type_ids.
+        return {k: encoding[k] for k in ("input_ids", "attention_mask")}
 
     def _forward(self, inputs: dict, **generate_kwargs: Any) -> dict:
         return {"ids": self.model.generate(**inputs, **generate_kwargs)}
