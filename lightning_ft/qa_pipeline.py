@@ -13,7 +13,6 @@ probability among the n-best spans.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from transformers import AutoModelForQuestionAnswering, Pipeline
@@ -65,7 +64,7 @@ class QuestionAnsweringPipeline(Pipeline):
         import torch
 
         from lightning_ft.metrics.squad import SpanCandidates
-        from lightning_ft.tasks.qa import EXAMPLE_INDEX, best_answers
+        from lightning_ft.tasks.qa import EXAMPLE_INDEX, best_answers, scored_answers
 
         windows = [{**w, EXAMPLE_INDEX: 0, "offset_mapping": o} for w, o in zip(outputs["windows"], outputs["offsets"])]
         column = {k: torch.tensor([w[k] for w in windows]) for k in ("window", "context_start", "context_end",
@@ -79,10 +78,7 @@ class QuestionAnsweringPipeline(Pipeline):
             n_best_size=n_best_size, max_answer_length=max_answer_len, version_2=handle_impossible_answer,
             null_score_diff_threshold=null_score_diff_threshold,
         )["0"]
-        top = max(s["score"] for s in spans)
-        total = sum(math.exp(s["score"] - top) for s in spans)
-        answers = [{"answer": s["text"], "score": math.exp(s["score"] - top) / total, "start": s["start"],
-                    "end": s["end"]} for s in spans[:top_k]]
+        answers = scored_answers(spans)[:top_k]
         return answers[0] if top_k == 1 else answers
 
 

@@ -430,3 +430,74 @@ class LanguageModelingTask(TaskModule):
                                                  skip_special_tokens=True)]}
                 for row in range(len(prompts))]
 
+
+# ---- prediction (python -m lightning_ft.predict) -------------------------------------------------------------------
+# The columns predict reads when none is named: the first of these the input has.
+CLM_PREDICT_COLUMNS = {"column": ("prompt", "text")}
+MLM_PREDICT_COLUMNS = {"column": ("text",)}
+
+
+@torch.no_grad()
+def predict_continuations(model: Any, tokenizer: Any, rows: list[dict], *, column: str = "prompt",
+                          max_new_tokens: int = 32, num_beams: int = 1, do_sample: bool = False, top_k: int = 50,
+                          temperature: float = 1.0, seed: int = 0) -> list[dict]:
+    """A causal LM's ``continuation`` of each row's ``column`` text (the new text only): greedy by default,
+    ``do_sample=true`` samples (top-k, seeded, so a rerun gives the same text). Prompts are left-padded into one
+    batch; an eos token the tokenizer appends is dropped (a prompt does not end a document), and a prompt longer
+    than the model's positions allow keeps its last tokens."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    pad = pad if pad is not None else eos if eos is not None else 0
+    limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    if limit and max_new_tokens >= limit:
+        raise UserError(f"max_new_tokens={max_new_tokens} leaves no room for the prompt in the model's {limit} "
+                        "positions: lower it.")
+    prompts = []
+    for row in rows:
+        ids = tokenizer(str(row[column]))["input_ids"]
+        if len(ids) > 1 and ids[-1] == eos:
+            ids = ids[:-1]
+        ids = ids or [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos]
+        prompts.append(ids[-(limit - max_new_tokens):] if limit else ids)
+    width = max(len(ids) for ids in prompts)
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompts], device=model.device)
+    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], device=model.device)
+    sampling = {"do_sample": True, "top_k": top_k, "temperature": temperature} if do_sample else {"do_sample": False}
+    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                                   num_beams=num_beams, pad_token_id=pad, **sampling)
+    return [{"continuation": text} for text in tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)]
+
+
+def check_masked_rows(rows: list[dict], source: Any, tokenizer: Any, *, column: str = "text", **_: Any) -> None:
+    """Every text needs the tokenizer's mask token where a word is to be predicted."""
+    mask = tokenizer.mask_token
+    if mask is None:
+        raise UserError("the model's tokenizer has no mask token: it cannot fill masks.")
+    for number, row in enumerate(rows, start=1):
+        if mask not in str(row[column]):
+            raise UserError(f"row {number} of {source} has no {mask} in '{column}': put {mask} where a token is to be "
+                            "predicted.")
+
+
+@torch.no_grad()
+def predict_masks(model: Any, tokenizer: Any, rows: list[dict], *, column: str = "text", top_k: int = 5,
+                  max_length: int = 512) -> list[dict]:
+    """A masked LM's ``top_k`` candidates for every mask token of each row's ``column`` text, in order: ``fills``
+    (a list per mask of ``{"token", "score"}``, the score a probability) and ``sequence``, the text with each mask
+    replaced by its best candidate."""
+    texts = [str(row[column]) for row in rows]
+    encoding = tokenizer(texts, truncation=True, padding=True, return_tensors="pt",
+                         max_length=min(max_length, tokenizer.model_max_length))
+    logits = model(**encoding.to(model.device)).logits.float()
+    out = []
+    for row, text in enumerate(texts):
+        positions = (encoding["input_ids"][row] == tokenizer.mask_token_id).nonzero().flatten()
+        best = torch.softmax(logits[row, positions], -1).topk(min(top_k, logits.shape[-1]), dim=-1)
+        fills = [[{"token": tokenizer.decode([i]).strip(), "score": p} for p, i in zip(values, indices)]
+                 for values, indices in zip(best.values.tolist(), best.indices.tolist())]
+        sequence = text
+        for candidates in fills:  # masks cut off by max_length have no candidates and stay in the text
+            sequence = sequence.replace(tokenizer.mask_token, candidates[0]["token"], 1)
+        out.append({"fills": fills, "sequence": sequence})
+    return out

@@ -14,8 +14,10 @@ The answer (``label_column``) may be the choice's index, its label (``A``..) or 
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+import torch
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 from transformers import AutoModelForMultipleChoice
@@ -35,6 +37,28 @@ def field(row: dict, path: str) -> Any:
 
 def _rows(batch: dict[str, list]) -> list[dict]:
     return [dict(zip(batch, values)) for values in zip(*batch.values())]
+
+
+def read_choices(row: dict, choices_column: str | None, ending_columns: list[str] | None = None,
+                 text_key: str = "text", label_key: str = "label") -> tuple[list[str], list[str]]:
+    """The texts of a row's choices and their labels (``A``, ``B``... when the data has none): one column per choice
+    (``ending_columns``), or a list in ``choices_column`` of strings or of dicts with ``text_key``/``label_key``."""
+    if ending_columns:
+        texts = [str(field(row, c)) for c in ending_columns]
+        return texts, [chr(ord("A") + i) for i in range(len(texts))]
+    if not choices_column:
+        raise KeyError("no choices column")
+    choices = field(row, choices_column)
+    if isinstance(choices, str) and choices.lstrip().startswith("["):  # a csv cell holding a JSON list
+        choices = json.loads(choices)
+    if isinstance(choices, dict):  # a struct of lists, as datasets may store a list of dicts
+        choices = [dict(zip(choices, values)) for values in zip(*choices.values())]
+    if not isinstance(choices, list):
+        raise TypeError(f"'{choices_column}' is not a list")
+    texts = [str(c[text_key]) if isinstance(c, dict) else str(c) for c in choices]
+    labels = [str(c.get(label_key, chr(ord("A") + i))) if isinstance(c, dict) else chr(ord("A") + i)
+              for i, c in enumerate(choices)]
+    return texts, labels
 
 
 class MultipleChoiceData(TaskDataModule):
@@ -85,16 +109,8 @@ class MultipleChoiceData(TaskDataModule):
     # ---- reading one example -----------------------------------------------------------------------------------
     def _choices(self, row: dict) -> tuple[list[str], list[str]]:
         """The texts of a row's choices and their labels (``A``, ``B``... when the data has none)."""
-        if self.ending_columns:
-            texts = [str(field(row, c)) for c in self.ending_columns]
-            return texts, [chr(ord("A") + i) for i in range(len(texts))]
-        choices = field(row, self.choices_column)
-        if isinstance(choices, dict):  # a struct of lists, as datasets may store a list of dicts
-            choices = [dict(zip(choices, values)) for values in zip(*choices.values())]
-        texts = [str(c[self.choice_text_key]) if isinstance(c, dict) else str(c) for c in choices]
-        labels = [str(c.get(self.choice_label_key, chr(ord("A") + i))) if isinstance(c, dict) else chr(ord("A") + i)
-                  for i, c in enumerate(choices)]
-        return texts, labels
+        return read_choices(row, self.choices_column, self.ending_columns, self.choice_text_key,
+                            self.choice_label_key)
 
     def _answer(self, row: dict, texts: list[str], labels: list[str]) -> int | None:
         value = field(row, self.label_column)
@@ -187,3 +203,73 @@ class MultipleChoiceTask(TaskModule):
 
     def update_metrics(self, metrics: MetricCollection, outputs: Any, batch: dict) -> None:
         metrics.update(outputs.logits.argmax(-1), batch["labels"])
+
+
+# ---- prediction (python -m lightning_ft.predict) -------------------------------------------------------------------
+# The columns predict reads when none is named: the first of these the input has (a trailing None: optional).
+PREDICT_COLUMNS = {"question_column": ("question",), "choices_column": ("choices", None)}
+
+
+def _example(row: dict, question_column: str, choices_column: str | None, ending_columns: list[str] | None,
+             text_key: str, label_key: str) -> tuple[str, list[str], list[str]]:
+    """A row's question, choice texts and choice labels. A question that is a dict with ``stem`` and ``choices``
+    (OpenBookQA's own layout) gives both."""
+    question = field(row, question_column)
+    if isinstance(question, dict) and "stem" in question:
+        if not choices_column and not ending_columns and "choices" in question:
+            choices_column = f"{question_column}.choices"
+        question = question["stem"]
+    texts, labels = read_choices(row, choices_column, ending_columns, text_key, label_key)
+    return str(question), texts, labels
+
+
+def check_rows(rows: list[dict], source: Any, tokenizer: Any, *, question_column: str = "question",
+               choices_column: str | None = None, ending_columns: list[str] | None = None,
+               choice_text_key: str = "text", choice_label_key: str = "label", **_: Any) -> None:
+    """Every row needs its choices (a list, or the ``ending_columns``), at least two."""
+    for number, row in enumerate(rows, start=1):
+        try:
+            _, texts, _ = _example(row, question_column, choices_column, ending_columns, choice_text_key,
+                                   choice_label_key)
+        except (KeyError, TypeError, ValueError) as err:
+            raise UserError(f"row {number} of {source} has no list of choices ({err}): name the column holding "
+                            "them with choices_column= (in a csv cell, a JSON list), or give ending_columns=[a,b,...]."
+                            ) from err
+        if len(texts) < 2:
+            raise UserError(f"row {number} of {source} has {len(texts)} choice: multiple choice needs at least two.")
+
+
+@torch.no_grad()
+def predict_rows(model: Any, tokenizer: Any, rows: list[dict], *, question_column: str = "question",
+                 choices_column: str | None = None, ending_columns: list[str] | None = None,
+                 context_column: str | None = None, choice_text_key: str = "text", choice_label_key: str = "label",
+                 max_length: int = 512) -> list[dict]:
+    """The model's pick among each row's choices: ``choice`` (its index), ``choice_label``, ``choice_text``, and
+    ``scores``, every choice's probability. Each choice is read with the question as training read it: (question,
+    choice), or (context, question + " " + choice) with a ``context_column``. Rows may differ in their number of
+    choices."""
+    examples = [_example(row, question_column, choices_column, ending_columns, choice_text_key, choice_label_key)
+                for row in rows]
+    out: list[dict] = [{} for _ in rows]
+    by_count: dict[int, list[int]] = {}
+    for i, (_, texts, _) in enumerate(examples):
+        by_count.setdefault(len(texts), []).append(i)
+    for count, indices in by_count.items():  # a batch holds examples with as many choices
+        firsts, seconds = [], []
+        for i in indices:
+            question, texts, _ = examples[i]
+            if context_column:
+                firsts += [str(field(rows[i], context_column))] * count
+                seconds += [f"{question} {text}" for text in texts]
+            else:
+                firsts += [question] * count
+                seconds += texts
+        encoding = tokenizer(firsts, seconds, truncation=True, padding=True, return_tensors="pt",
+                             max_length=min(max_length, tokenizer.model_max_length))
+        inputs = {k: v.view(len(indices), count, -1).to(model.device) for k, v in encoding.items()}
+        probabilities = torch.softmax(model(**inputs).logits.float(), -1).cpu()
+        for i, scores in zip(indices, probabilities.tolist()):
+            best = max(range(count), key=scores.__getitem__)
+            _, texts, labels = examples[i]
+            out[i] = {"choice": best, "choice_label": labels[best], "choice_text": texts[best], "scores": scores}
+    return out

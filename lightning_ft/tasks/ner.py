@@ -20,7 +20,7 @@ import torch
 from torchmetrics import MetricCollection
 from transformers import AutoModelForTokenClassification
 
-from lightning_ft.data.base import TaskDataModule, iter_jsonl
+from lightning_ft.data.base import TaskDataModule
 from lightning_ft.data.conll import read_conll
 from lightning_ft.errors import UserError
 from lightning_ft.metrics.entity import PREFIXES, EntityScores, get_entities, is_entity_scheme
@@ -388,7 +388,7 @@ def split_words(tokenizer: Any, text: str) -> list[tuple[str, tuple[int, int]]]:
     return words
 
 
-# ---- predicting files --------------------------------------------------------------------------------------------
+# ---- predicting files (python -m lightning_ft.predict) -------------------------------------------------------------
 def _entities(words: Sequence[str], tags: Sequence[str], offsets: Sequence[tuple[int, int]] | None, text: str | None):
     out = []
     for type_, first, last in get_entities(tags):
@@ -400,56 +400,74 @@ def _entities(words: Sequence[str], tags: Sequence[str], offsets: Sequence[tuple
     return out
 
 
-def predict_file(
-    model: Any, tokenizer: Any, source: Path, target: Path, input_format: str, output_format: str,
-    batch_size: int = 32, max_length: int = 512,
-) -> dict[str, int]:
-    """Tag every sentence of ``source`` and write ``target``.
-
-    Inputs: ``text`` (one raw sentence a line, split into words as the tokenizer does), ``conll`` (one token a line,
-    first column; other columns are kept and the prediction appended, so conlleval can read the result) or ``jsonl``
-    (a ``tokens`` list or a ``text`` string per row; other keys are kept). Outputs: ``jsonl`` (tokens, tags and
-    entities; character offsets for raw text, word indices otherwise) or ``conll`` (token, kept columns, tag).
-    """
+def read_conll_rows(source: Path) -> list[dict[str, Any]]:
+    """The sentences of a CoNLL column file as rows: ``tokens`` (the first column) and ``columns`` (the others, per
+    token, e.g. gold tags), which ``conll_lines`` writes back with the predicted tag appended."""
     from lightning_ft.data.conll import iter_sentences
 
-    records: list[dict[str, Any]] = []
-    if input_format == "conll":
-        for sentence in iter_sentences(source):
-            records.append({"tokens": [f[0] for _, f in sentence], "columns": [f[1:] for _, f in sentence]})
-    elif input_format == "jsonl":
-        for number, row in iter_jsonl(source):
-            if not isinstance(row, dict) or not ("tokens" in row or "text" in row):
-                raise UserError(f"{source}:{number} needs a 'tokens' list or a 'text' string.")
-            records.append({"row": row, **_words_of(tokenizer, row)})
-    else:
-        with source.open(encoding="utf-8") as handle:
-            for line in handle:
-                if line.strip():
-                    records.append({"row": {"text": line.rstrip("\r\n")}, **_words_of(tokenizer, {"text": line})})
-    if not records:
-        raise UserError(f"{source} has no sentences to tag.")
-    tags, lost = tag_sentences(model, tokenizer, [r["tokens"] for r in records], batch_size, max_length)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with target.open("w", encoding="utf-8") as out:
-        for record, sentence_tags in zip(records, tags):
-            words = record["tokens"]
-            if output_format == "conll":
-                columns = record.get("columns") or [[] for _ in words]
-                out.write("".join("\t".join([w, *c, t]) + "\n" for w, c, t in zip(words, columns, sentence_tags)))
-                out.write("\n")
-            else:
-                row = dict(record.get("row") or {"tokens": words})
-                text = row.get("text") if "offsets" in record else None
-                row.update(tokens=words, tags=sentence_tags,
-                           entities=_entities(words, sentence_tags, record.get("offsets"), text))
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return {"sentences": len(records), "words": sum(len(r["tokens"]) for r in records), "words_cut": lost}
+    return [{"tokens": [f[0] for _, f in sentence], "columns": [f[1:] for _, f in sentence]}
+            for sentence in iter_sentences(source)]
 
 
-def _words_of(tokenizer: Any, row: dict[str, Any]) -> dict[str, Any]:
-    if "tokens" in row:
-        return {"tokens": [str(t) for t in row["tokens"]]}
-    text = str(row["text"]).rstrip("\r\n")
+def conll_lines(row: dict[str, Any]) -> str:
+    """A tagged row as CoNLL lines (token, kept columns, predicted tag) and the blank line that ends a sentence, so
+    conlleval can read the result."""
+    words, tags = row["tokens"], row["tags"]
+    columns = row.get("columns") or [[] for _ in words]
+    return "".join("\t".join([w, *c, t]) + "\n" for w, c, t in zip(words, columns, tags)) + "\n"
+
+
+def _tokens(value: Any) -> list[str] | None:
+    if isinstance(value, str):  # a csv/tsv cell: a JSON list, or words split on spaces
+        value = json.loads(value) if value.startswith("[") else value.split()
+    return [str(t) for t in value] if isinstance(value, list) else None
+
+
+def check_rows(rows: list[dict], source: Path, tokenizer: Any, *, column: str | None = None,
+               tokens_column: str | None = None, **_: Any) -> None:
+    """Every row needs pre-split words (``tokens``) or raw text (``text``), and the tokenizer must be a fast one."""
+    _require_fast(tokenizer)
+    tokens_key, text_key = tokens_column or "tokens", column or "text"
+    for number, row in enumerate(rows, start=1):
+        try:
+            has_tokens = tokens_key in row and _tokens(row[tokens_key]) is not None
+        except json.JSONDecodeError:
+            has_tokens = False
+        if not has_tokens and not isinstance(row.get(text_key), str):
+            raise UserError(f"row {number} of {source} needs a '{tokens_key}' list or a '{text_key}' string (name "
+                            "other columns with tokens_column= or column=).")
+
+
+@torch.no_grad()
+def predict_rows(model: Any, tokenizer: Any, rows: list[dict], *, column: str | None = None,
+                 tokens_column: str | None = None, max_length: int = 512, stats: Any = None) -> list[dict]:
+    """Tags and entities for each row: its ``tokens`` list (pre-split words; entity ``start``/``end`` are word
+    indices, end exclusive) or else its ``text`` (split into words as the tokenizer splits them; entity
+    ``start``/``end`` are character offsets). Words beyond ``max_length`` sub-tokens are tagged ``O`` (counted in
+    ``stats["words_cut"]``)."""
+    records = [_words_of(tokenizer, row, tokens_column or "tokens", column or "text") for row in rows]
+    tags, lost = tag_sentences(model, tokenizer, [r["tokens"] for r in records], len(rows) or 1, max_length)
+    if stats is not None:
+        stats["words"] += sum(len(r["tokens"]) for r in records)
+        stats["words_cut"] += lost
+    return [{"tokens": r["tokens"], "tags": t, "entities": _entities(r["tokens"], t, r.get("offsets"), r.get("text"))}
+            for r, t in zip(records, tags)]
+
+
+def predict_report(stats: Any, settings: dict[str, Any], option: Any) -> tuple[str, list[str]]:
+    """The word count for the summary line, and a warning when ``max_length`` cut words off."""
+    warnings = []
+    if stats["words_cut"]:
+        name = option("max_length")
+        warnings.append(f"{stats['words_cut']} words were beyond {name}={settings.get('max_length', 512)} sub-tokens "
+                        f"and are tagged 'O': raise {name}.")
+    return f" ({stats['words']} words)", warnings
+
+
+def _words_of(tokenizer: Any, row: dict[str, Any], tokens_key: str, text_key: str) -> dict[str, Any]:
+    tokens = _tokens(row[tokens_key]) if tokens_key in row else None
+    if tokens is not None:
+        return {"tokens": tokens}
+    text = str(row[text_key]).rstrip("\r\n")
     words = split_words(tokenizer, text)
-    return {"tokens": [w for w, _ in words], "offsets": [span for _, span in words]}
+    return {"tokens": [w for w, _ in words], "offsets": [span for _, span in words], "text": text}

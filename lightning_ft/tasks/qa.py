@@ -379,3 +379,51 @@ class QuestionAnsweringTask(TaskModule):
         references = {str(r[datamodule.id_column]): r[datamodule.answers_column]["text"] for r in rows}
         scores = squad_scores(self.predictions[stage], references, self.version_2_with_negative)
         self.log_dict({f"{stage}/{name}": value for name, value in scores.items()}, prog_bar=stage == "val")
+
+
+# ---- prediction (python -m lightning_ft.predict, and the question-answering pipeline) -------------------------------
+PREDICT_COLUMNS = {"question_column": ("question",), "context_column": ("context",)}
+
+
+def scored_answers(spans: list[dict]) -> list[dict]:
+    """``best_answers``' spans of one question as answers: text, character span, and ``score``, the span's
+    probability among the n-best (a softmax over their start + end logits)."""
+    import math
+
+    top = max(s["score"] for s in spans)
+    total = sum(math.exp(s["score"] - top) for s in spans)
+    return [{"answer": s["text"], "score": math.exp(s["score"] - top) / total, "start": s["start"], "end": s["end"]}
+            for s in spans]
+
+
+@torch.no_grad()
+def predict_rows(model: Any, tokenizer: Any, rows: list[dict], *, question_column: str = "question",
+                 context_column: str = "context", max_length: int = 384, doc_stride: int = 128,
+                 max_answer_length: int = 30, n_best_size: int = 20, handle_impossible_answer: bool = False,
+                 null_score_diff_threshold: float = 0.0) -> list[dict]:
+    """The best answer to each row's question in its context: ``answer`` (the text, ``context[start:end]``), its
+    probability ``score`` and character ``start``/``end``. Long contexts are read in overlapping windows and
+    post-processed as at evaluation (``tokenize_windows``, ``SpanCandidates``, ``best_answers``).
+    ``handle_impossible_answer`` (SQuAD v2.0 models): the empty answer (start -1) wins by the null-score rule."""
+    import datasets
+
+    questions = [str(row[question_column]).lstrip() for row in rows]
+    contexts = [str(row[context_column]) for row in rows]
+    encoding, windows = tokenize_windows(tokenizer, questions, contexts, max_length, min(doc_stride, max_length // 2))
+    names = [k for k in encoding if k in ("input_ids", "attention_mask", "token_type_ids")]
+    inputs = tokenizer.pad({k: encoding[k] for k in names}, return_tensors="pt").to(model.device)
+    outputs = model(**inputs)
+    column = {k: torch.tensor([w[k] for w in windows]) for k in ("sample", "window", "context_start", "context_end",
+                                                                 "cls_index")}
+    collector = SpanCandidates(top_k=n_best_size)
+    collector.update(column["sample"], column["window"], outputs.start_logits.cpu(), outputs.end_logits.cpu(),
+                     column["context_start"], column["context_end"], column["cls_index"])
+    answers = best_answers(
+        collector.compute(),
+        datasets.Dataset.from_list([{**w, EXAMPLE_INDEX: w["sample"], "offset_mapping": o}
+                                    for w, o in zip(windows, encoding["offset_mapping"])]),
+        datasets.Dataset.from_list([{"id": str(i), "context": c} for i, c in enumerate(contexts)]),
+        n_best_size=n_best_size, max_answer_length=max_answer_length, version_2=handle_impossible_answer,
+        null_score_diff_threshold=null_score_diff_threshold,
+    )
+    return [scored_answers(answers[str(i)])[0] for i in range(len(rows))]

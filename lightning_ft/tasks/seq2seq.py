@@ -393,3 +393,26 @@ class SummarizationTask(Seq2SeqTask):
 
     def make_metrics(self, prefix: str) -> MetricCollection:
         return MetricCollection({"rouge": RougeScores()}, prefix=prefix, compute_groups=False)
+
+
+# ---- prediction (python -m lightning_ft.predict) -------------------------------------------------------------------
+# The column predict reads when none is named: the first of these the input has.
+PREDICT_COLUMNS = {"column": ("source", "text", "document")}
+
+
+@torch.no_grad()
+def predict_rows(model: Any, tokenizer: Any, rows: list[dict], *, column: str = "source",
+                 max_new_tokens: int | None = None, num_beams: int | None = None) -> list[dict]:
+    """The text generated from each row's ``column`` (a list of sentences is joined, as training joined it), as the
+    translation/summarization pipeline of ``lightning_ft.seq2seq_pipeline`` generates it: the model config's
+    ``prefix`` (the training ``source_prefix``) first, cut at the tokenizer's ``model_max_length`` (the training
+    ``max_source_length``), generated with the model's generation config (the task's ``num_beams``,
+    ``max_new_tokens``...) unless ``max_new_tokens``/``num_beams`` are given."""
+    prefix = getattr(model.config, "prefix", None) or ""
+    sources = [" ".join(map(str, v)) if isinstance(v, list) else str(v) for v in (row[column] for row in rows)]
+    encoding = tokenizer([prefix + source for source in sources], truncation=True, padding=True, return_tensors="pt")
+    settings = {k: v for k, v in {"max_new_tokens": max_new_tokens, "num_beams": num_beams}.items() if v is not None}
+    generated = model.generate(input_ids=encoding["input_ids"].to(model.device),
+                               attention_mask=encoding["attention_mask"].to(model.device), **settings)
+    return [{"generated_text": text.strip()}
+            for text in tokenizer.batch_decode(generated, skip_special_tokens=True)]

@@ -403,13 +403,14 @@ class SentenceEncoder:
         """One embedding per text (rows in input order); texts are batched by length to save padding."""
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out = torch.empty(len(texts), self.model.config.hidden_size)
+        device = self.model.device
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             enc = self.tokenizer([texts[i] for i in rows], padding=True, truncation=True, max_length=self.max_length,
-                                 return_tensors="pt")
+                                 return_tensors="pt").to(device)
             hidden = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
             pooled = pool(hidden, enc["attention_mask"], self.pooling)
-            out[rows] = F.normalize(pooled, dim=-1) if self.normalize else pooled
+            out[rows] = (F.normalize(pooled, dim=-1) if self.normalize else pooled).float().cpu()
         return out
 
 
@@ -449,19 +450,13 @@ def read_texts(source: Path, column: str | None = None) -> tuple[list[str], list
     return [row[column] for row in rows], rows
 
 
-def embed_file(encoder: SentenceEncoder, source: Path, target: Path, column: str | None = None,
-               batch_size: int = 64) -> int:
-    """Write one embedding per text of ``source``: ``.npy`` (a matrix, rows in input order) or ``.jsonl`` (each input
-    row with an ``embedding`` list). Returns the number of texts."""
-    texts, rows = read_texts(source, column)
-    embeddings = encoder.encode(texts, batch_size)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.suffix.lower() == ".npy":
-        import numpy as np
+# ---- prediction (python -m lightning_ft.predict) -------------------------------------------------------------------
+# The column predict reads when none is named: the first of these the input has.
+PREDICT_COLUMNS = {"column": ("text", "sentence", "sentence1")}
 
-        np.save(target, embeddings.numpy())
-    else:
-        with target.open("w", encoding="utf-8") as out:
-            for row, vector in zip(rows, embeddings.tolist()):
-                out.write(json.dumps({**row, "embedding": vector}, ensure_ascii=False) + "\n")
-    return len(texts)
+
+def predict_rows(model: SentenceEncoder, tokenizer: Any, rows: list[dict], *, column: str = "text") -> list[dict]:
+    """The ``embedding`` (a list of floats; unit length when the model normalises) of each row's ``column`` text.
+    ``model`` is a ``SentenceEncoder`` (its own tokenizer, pooling and normalisation)."""
+    vectors = model.encode([str(row[column]) for row in rows], batch_size=max(len(rows), 1))
+    return [{"embedding": vector} for vector in vectors.tolist()]

@@ -241,3 +241,33 @@ class TextClassificationTask(TaskModule):
             metrics.update(torch.sigmoid(logits), batch["labels"].int())
         else:
             metrics.update(logits.argmax(-1), batch["labels"])
+
+
+# ---- prediction (python -m lightning_ft.predict) -------------------------------------------------------------------
+# The columns predict reads when none is named: the first of these the input has (a trailing None: optional).
+PREDICT_COLUMNS = {"column": ("text", "sentence", "sentence1"), "pair_column": ("text_pair", "sentence2", None)}
+
+
+@torch.no_grad()
+def predict_rows(model: Any, tokenizer: Any, rows: list[dict], *, column: str = "text", pair_column: str | None = None,
+                 threshold: float = 0.5, max_length: int = 512) -> list[dict]:
+    """The prediction for each row's ``column`` text (with its ``pair_column`` text, for a model of pairs), by the
+    problem type the model was trained for (its config's ``problem_type``): single-label ``label`` and its
+    probability ``score``; multi-label the ``labels`` whose sigmoid probability is above ``threshold`` and those
+    probabilities, ``scores``; regression the predicted ``score``."""
+    pairs = [str(row[pair_column]) for row in rows] if pair_column else None
+    encoding = tokenizer([str(row[column]) for row in rows], pairs, truncation=True, padding=True,
+                         max_length=min(max_length, tokenizer.model_max_length), return_tensors="pt")
+    logits = model(**encoding.to(model.device)).logits.float().cpu()
+    config = model.config
+    id2label = {int(k): str(v) for k, v in config.id2label.items()}
+    if config.problem_type == REGRESSION or (config.problem_type is None and config.num_labels == 1):
+        return [{"score": value} for value in logits[:, 0].tolist()]
+    if config.problem_type == MULTI:
+        out = []
+        for probabilities in torch.sigmoid(logits).tolist():
+            chosen = [i for i, p in enumerate(probabilities) if p > threshold]
+            out.append({"labels": [id2label[i] for i in chosen], "scores": [probabilities[i] for i in chosen]})
+        return out
+    best = torch.softmax(logits, -1).max(-1)
+    return [{"label": id2label[i], "score": p} for p, i in zip(best.values.tolist(), best.indices.tolist())]
