@@ -10,6 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from cli import run_cli
+from conftest import QUICK, compose_config
+
+from lightning_ft.errors import UserError
+from lightning_ft.train import train as train_run
 
 TESTS = Path(__file__).resolve().parent
 WORDS = ["good", "bad", "fine", "awful", "great", "poor", "nice", "dull", "film", "plot", "actor", "scene"]
@@ -106,3 +110,116 @@ def test_an_interrupted_run_resumes_exactly_as_if_never_interrupted(data_dir, tm
     with (run / "metrics.csv").open() as f:
         steps = [int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss")]
     assert steps == list(range(18))  # Lightning logs step N's loss at step N - 1
+
+
+# ---- in one process: checkpoints, non-finite losses, loggers, the report --------------------------------------
+def quick(data_dir: Path, run_dir: Path, *extra: str):
+    return compose_config([*QUICK, f"dataset.data_dir={data_dir}", "dataset.batch_size=8", "test=false",
+                           "export=false", "trainer.log_every_n_steps=1", *extra], run_dir)
+
+
+def test_a_checkpoint_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    from lightning_fabric.plugins.io import torch_io
+
+    from lightning_ft.lifecycle import AtomicCheckpointIO
+
+    path = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 1}, path)
+
+    def killed_halfway(checkpoint, target):
+        Path(target).write_bytes(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt  # as a kill during the write
+
+    monkeypatch.setattr(torch_io, "_atomic_save", killed_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "global_step": 2}, path)
+    assert torch.load(path, weights_only=True)["global_step"] == 1  # the previous checkpoint, whole
+
+
+def test_resume_auto_skips_a_corrupt_checkpoint_for_the_previous_good_one(tmp_path, caplog):
+    from lightning_ft.lifecycle import find_resume_checkpoint
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    torch.save({"state_dict": {}, "loops": {}, "global_step": 8}, folder / "best-epoch00-step8.ckpt")
+    good = folder / "best-epoch00-step8.ckpt"
+    (folder / "last.ckpt").write_bytes(good.read_bytes()[:100])  # truncated, and newer
+    assert find_resume_checkpoint(tmp_path) == good
+    assert "skipping" in caplog.text and "last.ckpt" in caplog.text and "truncated" in caplog.text
+    assert find_resume_checkpoint(tmp_path / "nothing-here") is None
+
+
+def test_a_corrupt_or_foreign_checkpoint_given_explicitly_is_one_clear_sentence(data_dir, tmp_path):
+    first = quick(data_dir, tmp_path / "a")
+    train_run(first)
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    with pytest.raises(UserError, match=r"broken.ckpt' cannot be read, it is truncated or not a checkpoint"):
+        train_run(quick(data_dir, tmp_path / "b", f"ckpt_path={broken}"))
+    with pytest.raises(UserError, match="does not exist"):
+        train_run(quick(data_dir, tmp_path / "b", f"ckpt_path={tmp_path / 'missing.ckpt'}"))
+    with pytest.raises(UserError, match="resume=yes is not a choice"):
+        train_run(quick(data_dir, tmp_path / "b", "+resume=yes"))
+
+    # another task's checkpoint: named as such, before any training
+    other_task = quick(data_dir, tmp_path / "c", "task=ner", "dataset=sample_ner", f"ckpt_path={last}")
+    with pytest.raises(UserError, match="written by TextClassificationTask but this run is TokenClassificationTask"):
+        train_run(other_task)
+    # the same task on another backbone: named; another head size: the weights that do not fit are named
+    foreign = torch.load(last, weights_only=False)
+    foreign["lightning_ft"]["backbone"]["name"] = "bert-base-cased"
+    torch.save(foreign, tmp_path / "foreign.ckpt")
+    with pytest.raises(UserError, match="trained from backbone 'bert-base-cased' but this run builds"):
+        train_run(quick(data_dir, tmp_path / "d", f"ckpt_path={tmp_path / 'foreign.ckpt'}"))
+    wider = quick(data_dir, tmp_path / "e", "backbone.config_overrides.hidden_size=64", f"ckpt_path={last}")
+    with pytest.raises(UserError, match=r"does not fit this model: weights of another shape \(model.bert"):
+        train_run(wider)
+    assert not (tmp_path / "e" / "checkpoints").exists()  # nothing was trained or overwritten
+
+
+def test_a_non_finite_loss_stops_naming_the_step_or_is_skipped_when_asked(data_dir, tmp_path):
+    nan_at_3 = ["+callbacks.nan._target_=run_callbacks.NaNAtStep", "+callbacks.nan.step=3",
+                "callbacks.step_checkpoint.every_n_train_steps=2"]
+    with pytest.raises(UserError, match=r"training loss is nan at step 3 \(epoch 0, batch 2\): stopped") as stop:
+        train_run(quick(data_dir, tmp_path / "a", *nan_at_3))
+    assert f"Last good checkpoint: {tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}" in str(stop.value)
+
+    train_run(quick(data_dir, tmp_path / "b", *nan_at_3, "trainer.skip_nonfinite=true"))
+    metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert metrics["skipped_nonfinite_steps"] == 1
+    assert all(v == v for v in metrics["validation"].values())  # no NaN reached the weights
+
+
+def test_csv_tensorboard_wandb_and_mlflow_log_the_run_and_a_resume_reopens_the_same_runs(data_dir, tmp_path,
+                                                                                       monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "run"
+    loggers = ["logger=[csv,tensorboard,wandb,mlflow]", "logger.wandb.offline=true"]
+    train_run(quick(data_dir, run, *loggers, "trainer.max_epochs=1"))
+    ids = json.loads((run / "logger_runs.json").read_text())
+    assert set(ids) == {"wandb", "mlflow"}
+    import wandb
+
+    wandb.finish()  # as the process's end would: the resume must reopen the run by its id
+    train_run(quick(data_dir, run, *loggers, "trainer.max_epochs=2", "resume=auto"))
+    assert json.loads((run / "logger_runs.json").read_text()) == ids
+
+    assert "train/loss" in (run / "metrics.csv").read_text().splitlines()[0]
+    assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
+    assert list((run / "wandb").glob(f"offline-run-*-{ids['wandb']}"))  # one wandb run, reopened
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{run}/mlflow.db")
+    history = client.get_metric_history(ids["mlflow"], "val/accuracy")
+    assert {4, 9} <= {m.step for m in history}  # both epochs' validations in the one MLflow run
+
+    # what every run directory holds
+    report = (run / "report.md").read_text()
+    assert "## Metrics" in report and "val/accuracy" in report and "resumed from" in report
+    assert (run / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    environment = json.loads((run / "environment.json").read_text())
+    assert environment["versions"]["torch"] == torch.__version__ and environment["git_commit"]
+    assert (run / "config.yaml").is_file()
