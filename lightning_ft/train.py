@@ -116,6 +116,8 @@ def _checkpoint_to_use(cfg: DictConfig, run_dir: Path) -> str | None:
     return None
 
 
+# Keys of the trainer config that lightning_ft reads itself; the rest go to pytorch_lightning.Trainer.
+OWN_TRAINER_KEYS = ("skip_nonfinite",)
 LOGGER_RUN_KEYS = {"WandbLogger": "id", "MLFlowLogger": "run_id"}  # the argument that reopens a logger's run
 
 
@@ -156,7 +158,9 @@ def train(cfg: DictConfig) -> float | None:
     ckpt_path = _checkpoint_to_use(cfg, run_dir)
     with open_dict(cfg):
         cfg.ckpt_path = ckpt_path
-        skip_nonfinite = bool(cfg.trainer.pop("skip_nonfinite", False))
+        skip_nonfinite = bool(cfg.trainer.get("skip_nonfinite", False))
+        for key in OWN_TRAINER_KEYS:
+            cfg.trainer.pop(key, None)
     pl.seed_everything(cfg.seed, workers=True)
 
     tokenizer, datamodule = _tokenizer_and_data(cfg, run_dir)

@@ -103,6 +103,8 @@ def test_an_interrupted_run_resumes_exactly_as_if_never_interrupted(data_dir, tm
     assert metrics["validation"] == pytest.approx(json.loads((whole / "metrics.json").read_text())["validation"],
                                                   abs=1e-5)
     assert metrics["resumed_from"].endswith("last.ckpt")
+    # Hydra's own files go to the run directory too, nothing to ./outputs
+    assert (run / ".hydra" / "overrides.yaml").is_file() and not (tmp_path / "outputs").exists()
     # the history of the earlier attempts is kept: the report's table and curve cover every validation
     report = (run / "report.md").read_text()
     assert "| 9 | 0 |" in report and "| 18 | 1 |" in report
