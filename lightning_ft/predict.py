@@ -69,7 +69,7 @@ KINDS = {
     "multiple_choice": Kind("multiple choice (task=multiple_choice)", TASKS + "multiple_choice",
                             "AutoModelForMultipleChoice", "questions", "answer", "answered", check="check_rows"),
     "seq2seq": Kind("sequence-to-sequence generation (task=translation or task=summarization)", TASKS + "seq2seq",
-                    "AutoModelForSeq2SeqLM", "texts", "generate from", "generated from"),
+                    "AutoModelForSeq2SeqLM", "texts", "generate from", "generated text for"),
     "causal_lm": Kind("causal language modelling (task=clm)", TASKS + "language_modeling", "AutoModelForCausalLM",
                       "prompts", "continue", "continued", function="predict_continuations",
                       columns="CLM_PREDICT_COLUMNS"),

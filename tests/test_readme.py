@@ -197,14 +197,18 @@ def test_readme_python_snippet_runs(placeholders):
 def test_readme_predict_command_runs(command, tmp_path, request):
     (tmp_path / "sentences.txt").write_text("Empire State Building is in New York\nHello there, Bob\n")
     (tmp_path / "tokens.conll").write_text("Empire\tB-location\nState\tI-location\n\nBob\tB-person\n")
+    (tmp_path / "data").symlink_to(ROOT / "data")  # the commands name data/predict/ inputs, from the clone's root
     for placeholder, fixture in [("<run dir>", "ner_run"), ("<similarity run dir>", "similarity_run")]:
         if placeholder in command:
             command = command.replace(placeholder, shlex.quote(request.getfixturevalue(fixture)))
+    if "<exported" in command:
+        for key, value in request.getfixturevalue("placeholders").items():
+            command = command.replace(key, shlex.quote(value))
     args = shlex.split(command)
     assert "<" not in " ".join(args), f"unknown placeholder in README command: {command}"
     result = run_cli(args[3:], tmp_path, module="lightning_ft.predict")
     assert result.returncode == 0, result.stderr[-3000:]
-    output = tmp_path / args[-1]
+    output = tmp_path / next((a.split("=", 1)[1] for a in args if a.startswith("output=")), args[-1])
     assert output.is_file() and output.stat().st_size > 0
 
 
