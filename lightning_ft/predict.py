@@ -288,7 +288,7 @@ def read_rows(source: Path, input_format: str, kind: Kind) -> list[dict[str, Any
         with source.open(encoding="utf-8") as handle:
             rows = [{"text": line.rstrip("\r\n")} for line in handle if line.strip()]
     elif input_format == "jsonl":
-        if source.read_text(encoding="utf-8").lstrip().startswith("["):  # a JSON array of objects
+        if _first_character(source) == "[":  # a JSON array of objects
             try:
                 values = list(enumerate(json.loads(source.read_text(encoding="utf-8")), start=1))
             except json.JSONDecodeError as err:
@@ -312,6 +312,14 @@ def read_rows(source: Path, input_format: str, kind: Kind) -> list[dict[str, Any
     if not rows:
         raise UserError(f"{source} has no {kind.noun} to {kind.verb}.")
     return rows
+
+
+def _first_character(source: Path) -> str:
+    with source.open(encoding="utf-8") as handle:
+        while chunk := handle.read(4096):
+            if chunk.strip():
+                return chunk.strip()[0]
+    return ""
 
 
 def resolve_columns(kind: Kind, rows: list[dict], settings: dict[str, Any], source: Path, flags: bool) -> None:
