@@ -44,6 +44,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """A Lightning checkpoint's contents (tensors memory-mapped, so this is cheap), or a UserError saying what is
     wrong with the file."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"ckpt_path '{path}' is a directory: give a .ckpt file in it (e.g. "
+                        f"{path / 'checkpoints' / 'last.ckpt'}), or model_dir= (predict) / resume=auto (train) for a "
+                        "run directory.")
     if not path.is_file():
         raise UserError(f"ckpt_path '{path}' does not exist (resolved to {path.resolve()}): give the path of a .ckpt "
                         "file, e.g. <run dir>/checkpoints/last.ckpt, or resume=auto with run_dir=<run dir>.")
@@ -51,8 +55,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as err:  # torch raises many types for a truncated or foreign file
         raise UserError(f"checkpoint '{path}' cannot be read, it is truncated or not a checkpoint "
-                        f"({type(err).__name__}: {str(err)[:200]}): give another checkpoint, or resume=auto to take "
-                        "the newest good one.") from err
+                        f"({type(err).__name__}): give another checkpoint (with training, resume=auto takes the newest "
+                        "good one of run_dir).") from err
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise UserError(f"'{path}' is not a Lightning checkpoint (no state_dict in it): give a .ckpt written by a "
                         "lightning_ft run (<run dir>/checkpoints/).")

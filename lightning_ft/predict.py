@@ -419,23 +419,9 @@ def load_exported(kind_name: str, path: Path, tokenizer: Any) -> Any:
 
 def read_checkpoint(value: str) -> dict[str, Any]:
     """A lightning_ft checkpoint's contents (tensors memory-mapped), or a UserError saying what the file is not."""
-    import torch
+    from lightning_ft import lifecycle
 
-    path = Path(value)
-    if path.is_dir():
-        raise UserError(f"ckpt_path '{value}' is a directory: give a .ckpt file in it (e.g. "
-                        f"{path / 'checkpoints' / 'last.ckpt'}), or model_dir= for a run directory.")
-    if not path.is_file():
-        raise UserError(f"ckpt_path '{value}' does not exist (resolved to {path.resolve()}): give a .ckpt file of a "
-                        "lightning_ft run, e.g. <run dir>/checkpoints/last.ckpt.")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:  # torch raises many types for a truncated or foreign file
-        raise UserError(f"ckpt_path '{value}' is not a checkpoint torch can read ({type(err).__name__}): give a .ckpt "
-                        "file written by a lightning_ft run (<run dir>/checkpoints/).") from err
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise UserError(f"ckpt_path '{value}' is not a Lightning checkpoint (no state_dict in it): give a .ckpt file "
-                        "written by a lightning_ft run (<run dir>/checkpoints/).")
+    checkpoint = lifecycle.read_checkpoint(value)
     if not isinstance(checkpoint.get("lightning_ft"), dict) or not checkpoint["lightning_ft"].get("task"):
         raise UserError(f"ckpt_path '{value}' was not written by a lightning_ft run (it does not record its task): "
                         "give a checkpoint of a lightning_ft run, or model_dir= with an exported model.")

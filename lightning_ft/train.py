@@ -154,8 +154,8 @@ def train(cfg: DictConfig) -> float | None:
     from lightning_ft.throughput import ThroughputMonitor, resolve_precision
 
     run_dir = Path(cfg.run_dir)
+    ckpt_path = _checkpoint_to_use(cfg, run_dir)  # before anything is written: a bad ckpt_path leaves no run dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = _checkpoint_to_use(cfg, run_dir)
     with open_dict(cfg):
         cfg.ckpt_path = ckpt_path
         skip_nonfinite = bool(cfg.trainer.get("skip_nonfinite", False))

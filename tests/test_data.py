@@ -78,10 +78,16 @@ def test_training_batches_are_shuffled_and_padded_dynamically(tmp_path):
     rows = [[" ".join(["word"] * (1 + i % 30)), i % 2] for i in range(64)]
     dm = make_dm(data_dir=str(split_files(tmp_path, rows, rows[:8])), batch_size=8)
     dm.prepare_data()
-    first_epoch = [b["labels"].tolist() for b in dm.train_dataloader()]
-    torch.manual_seed(1)
-    second_epoch = [b["labels"].tolist() for b in dm.train_dataloader()]
+    loader = dm.train_dataloader()
+    first_epoch = [b["labels"].tolist() for b in loader]
+    loader.sampler.set_epoch(1)  # as Lightning does before each epoch
+    second_epoch = [b["labels"].tolist() for b in loader]
     assert first_epoch != second_epoch
+    # the order depends on (seed, epoch) only, not on the global random state: a resumed run replays it
+    torch.manual_seed(123)
+    again = dm.train_dataloader()
+    again.sampler.set_epoch(1)
+    assert [b["labels"].tolist() for b in again] == second_epoch
     lengths = {b["input_ids"].shape[1] for b in dm.train_dataloader()}
     assert len(lengths) > 1 and max(lengths) <= 32, "each batch is padded to its own longest row"
 
@@ -197,10 +203,12 @@ def test_group_by_length_sees_every_example_once_with_less_padding(tmp_path):
     rows = [[" ".join(["word"] * rng.randint(1, 60)) + f" id{i}", i % 2] for i in range(3200)]
     data_dir = str(split_files(tmp_path, rows, rows[:10]))
 
-    def padding_and_ids(dm):
+    def padding_and_ids(dm, epoch=0):
         padded = real = 0
         ids = []
-        for batch in dm.train_dataloader():
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(epoch)
+        for batch in loader:
             padded += batch["input_ids"].numel()
             real += int(batch["attention_mask"].sum())
             ids += [dm.tokenizer.decode(row[mask.bool()], skip_special_tokens=True).split()[-1]
@@ -214,7 +222,7 @@ def test_group_by_length_sees_every_example_once_with_less_padding(tmp_path):
     torch.manual_seed(0)
     plain_padding, _ = padding_and_ids(plain)
     grouped_padding, first = padding_and_ids(grouped)
-    _, second = padding_and_ids(grouped)
+    _, second = padding_and_ids(grouped, epoch=1)
     assert sorted(first) == sorted(f"id{i}" for i in range(3200)), "every example exactly once per epoch"
     assert first != second, "a new order every epoch"
     assert plain_padding > 0.3 and grouped_padding < 0.1 * plain_padding

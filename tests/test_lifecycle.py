@@ -31,15 +31,18 @@ def data_dir(tmp_path_factory) -> Path:
     return folder
 
 
-def train(run_dir: Path, data_dir: Path, *extra: str):
-    """A real training process: tiny BERT, dropout on, fp32, 2 epochs of 9 steps, a step checkpoint every 4 steps,
-    every batch recorded."""
-    args = ["backbone=tiny_bert", f"dataset.data_dir={data_dir}", "dataset.batch_size=8", "trainer.max_epochs=2",
+def run_args(run_dir: Path, data_dir: Path) -> list[str]:
+    """Tiny BERT, dropout on, fp32, 2 epochs of 9 steps, a step checkpoint every 4 steps, every batch recorded."""
+    return ["backbone=tiny_bert", f"dataset.data_dir={data_dir}", "dataset.batch_size=8", "trainer.max_epochs=2",
             "trainer.precision=32-true", "callbacks.step_checkpoint.every_n_train_steps=4", "~callbacks.progress_bar",
-            "test=false", "export=false", "trainer.log_every_n_steps=1", f"run_dir={run_dir}",
+            "test=false", "export=false", "trainer.log_every_n_steps=1",
             "+callbacks.recorder._target_=run_callbacks.BatchRecorder",
-            f"+callbacks.recorder.path={run_dir}/batches.jsonl",
-            *extra]
+            f"+callbacks.recorder.path={run_dir}/batches.jsonl"]
+
+
+def train(run_dir: Path, data_dir: Path, *extra: str):
+    """A real training process, as a user (or a scheduler) starts it."""
+    args = [*run_args(run_dir, data_dir), f"run_dir={run_dir}", *extra]
     env_path = os.environ.get("PYTHONPATH", "")
     os.environ["PYTHONPATH"] = f"{TESTS}{os.pathsep}{env_path}" if env_path else str(TESTS)
     try:
@@ -69,7 +72,7 @@ def signal_at(step: int, name: str) -> list[str]:
 @pytest.mark.slow
 def test_an_interrupted_run_resumes_exactly_as_if_never_interrupted(data_dir, tmp_path):
     whole = tmp_path / "whole"
-    assert train(whole, data_dir).returncode == 0
+    train_run(compose_config(run_args(whole, data_dir), whole))  # the uninterrupted reference, in this process
     [reference] = batches(whole)
     assert [s for s, _ in reference] == list(range(1, 19))
 

@@ -446,7 +446,7 @@ def test_a_file_that_is_no_lightning_ft_checkpoint(existing, tmp_path, capsys):
     source = _write_jsonl(tmp_path / "in.jsonl", [{"text": "good"}])
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint at all")
     err = _fails(capsys, existing, f"ckpt_path={tmp_path / 'junk.ckpt'}", f"input={source}", f"output={existing}")
-    assert "is not a checkpoint torch can read" in err
+    assert "junk.ckpt' cannot be read, it is truncated or not a checkpoint" in err
     torch.save({"state_dict": {}, "epoch": 0}, tmp_path / "other.ckpt")  # a Lightning checkpoint of another program
     err = _fails(capsys, existing, f"ckpt_path={tmp_path / 'other.ckpt'}", f"input={source}", f"output={existing}")
     assert "was not written by a lightning_ft run" in err

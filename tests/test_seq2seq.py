@@ -10,6 +10,7 @@ import sacrebleu
 import torch
 from conftest import compose_config, on_two_ranks
 from hydra.utils import instantiate
+from omegaconf import open_dict
 from torch.utils.data import DistributedSampler
 
 from lightning_ft.backbones import load_model, match_tokenizer
@@ -19,7 +20,7 @@ from lightning_ft.paths import sample_dir
 from lightning_ft.tasks.base import rows_of_rank
 from lightning_ft.tasks.seq2seq import Seq2SeqData, SummarizationTask, TranslationTask
 from lightning_ft.tokenizer_training import train_tokenizer
-from lightning_ft.train import build_task, train
+from lightning_ft.train import OWN_TRAINER_KEYS, build_task, train
 
 HYPOTHESES = ["The cat sat on the mat.", "A dog runs in the park with a red ball.", "Two men are playing chess.",
               "It is raining today in the big city.", "She reads a very old book."]
@@ -243,6 +244,9 @@ def test_validation_generates_a_subset_while_training_and_everything_after(tmp_p
     cfg.backbone.tokenizer = str(tmp_path / "tok")
     module = build_task(cfg, datamodule)
     assert module.model.config.d_model == 32 and module.model.config.vocab_size == len(datamodule.tokenizer)
+    with open_dict(cfg):
+        for key in OWN_TRAINER_KEYS:  # lightning_ft's own keys, not the Trainer's (train.py drops them too)
+            cfg.trainer.pop(key)
     trainer = instantiate(cfg.trainer, callbacks=[], logger=False, enable_checkpointing=False,
                           enable_progress_bar=False, limit_val_batches=None)
     trainer.fit(module, datamodule=datamodule)
@@ -307,5 +311,5 @@ def test_a_checkpoint_is_tested_with_the_tokenizer_its_model_was_trained_with(tm
     with pytest.raises(UserError, match="built for the tokenizer in '.*first/tokenizer', which no longer exists"):
         train(compose_config([*settings, "train=false", f"ckpt_path={metrics['best_model_path']}"], tmp_path / "3"))
     (tmp_path / "broken.ckpt").write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match="broken.ckpt' is not a readable checkpoint"):
+    with pytest.raises(UserError, match="broken.ckpt' cannot be read, it is truncated or not a checkpoint"):
         train(compose_config([*settings, "train=false", f"ckpt_path={tmp_path / 'broken.ckpt'}"], tmp_path / "4"))
