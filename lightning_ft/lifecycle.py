@@ -128,15 +128,19 @@ class PreemptionCheckpoint(pl.Callback):
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self.received = signum
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Installed here, after Lightning's own handlers (which put back what they found on teardown).
         from lightning_fabric.plugins.environments import SLURMEnvironment
 
         environment = trainer._accelerator_connector.cluster_environment
         slurm_requeue = isinstance(environment, SLURMEnvironment) and environment.auto_requeue
-        if stage == "fit" and not slurm_requeue and hasattr(signal, "SIGUSR1"):
+        if not slurm_requeue and hasattr(signal, "SIGUSR1"):
             self._previous = signal.signal(signal.SIGUSR1, self._on_signal)
 
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._put_back_handler()
+
+    def _put_back_handler(self) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGUSR1, self._previous)
             self._previous = None
@@ -166,6 +170,7 @@ class PreemptionCheckpoint(pl.Callback):
     on_train_batch_start = on_validation_start = on_train_epoch_end = _stop
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._put_back_handler()  # Lightning does not call teardown hooks after an exception
         if self.pending is not None and exception is not self.pending:
             log.warning("%s", self.pending)
 

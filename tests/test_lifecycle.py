@@ -228,3 +228,18 @@ def test_csv_tensorboard_wandb_and_mlflow_log_the_run_and_a_resume_reopens_the_s
     environment = json.loads((run / "environment.json").read_text())
     assert environment["versions"]["torch"] == torch.__version__ and environment["git_commit"]
     assert (run / "config.yaml").is_file()
+
+
+def test_sigusr1_saves_the_step_and_stops_and_its_handler_is_put_back(data_dir, tmp_path):
+    import signal
+
+    from lightning_ft.lifecycle import Preempted
+
+    before = signal.getsignal(signal.SIGUSR1)
+    usr1_at_3 = ["+callbacks.usr1._target_=run_callbacks.SignalAtStep", "+callbacks.usr1.step=3",
+                 "+callbacks.usr1.signal_name=USR1"]
+    with pytest.raises(Preempted, match="received SIGUSR1: saved step 3") as stop:
+        train_run(quick(data_dir, tmp_path / "run", *usr1_at_3))
+    assert stop.value.signum == signal.SIGUSR1  # the entry point exits with 128 + 10
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+    assert signal.getsignal(signal.SIGUSR1) == before
