@@ -94,16 +94,20 @@ def check_checkpoint_fits(checkpoint: dict[str, Any], path: str | Path, module: 
         raise UserError(f"checkpoint '{path}' was trained from backbone '{theirs}' but this run builds "
                         f"'{ours}': set backbone.name={theirs} (or the backbone config it used), or give a "
                         "checkpoint of this backbone.")
-    expected = module.state_dict()
-    found = checkpoint["state_dict"]
-    wrong = [f"{k} {tuple(found[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-             if k in found and tuple(found[k].shape) != tuple(v.shape)]
-    missing = [k for k in expected if k not in found]
-    if wrong or missing:
-        detail = (f"weights of another shape ({'; '.join(wrong[:3])})" if wrong
-                  else f"no weights for {', '.join(missing[:3])}")
+    detail = weights_that_do_not_fit(module.state_dict(), checkpoint["state_dict"])
+    if detail:
         raise UserError(f"checkpoint '{path}' does not fit this model: {detail}. It was written for another task, "
                         "backbone or label set: give a checkpoint of this run's task and backbone.")
+
+
+def weights_that_do_not_fit(expected: dict[str, Any], found: dict[str, Any]) -> str | None:
+    """What keeps ``found`` weights from loading into a module whose state dict is ``expected``, or None."""
+    wrong = [f"{k} {tuple(found[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+             if k in found and tuple(found[k].shape) != tuple(v.shape)]
+    if wrong:
+        return f"weights of another shape ({'; '.join(wrong[:3])})"
+    missing = [k for k in expected if k not in found]
+    return f"no weights for {', '.join(missing[:3])}" if missing else None
 
 
 class Preempted(Exception):

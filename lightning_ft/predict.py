@@ -486,13 +486,10 @@ def load_checkpoint(checkpoint: dict[str, Any], value: str, tokenizer: Any) -> A
 
 
 def _check_fits(module: Any, found: dict[str, Any], value: str, backbone: dict[str, Any]) -> None:
-    expected = module.state_dict()
-    wrong = [f"{k} {tuple(found[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-             if k in found and tuple(found[k].shape) != tuple(v.shape)]
-    missing = [k for k in expected if k not in found]
-    if wrong or missing:
-        detail = (f"weights of another shape ({'; '.join(wrong[:2])})" if wrong
-                  else f"no weights for {', '.join(missing[:2])}")
+    from lightning_ft.lifecycle import weights_that_do_not_fit
+
+    detail = weights_that_do_not_fit(module.state_dict(), found)
+    if detail:
         built = backbone.get("name") or backbone.get("model_type")
         raise UserError(f"ckpt_path '{value}' does not fit the model its backbone '{built}' builds now: {detail}. The "
                         "backbone was changed or replaced since training: restore it, or predict with the run's "
