@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from lightning_ft import IMPORTED_AT
 from lightning_ft.config import register_resolvers
@@ -116,6 +116,31 @@ def _checkpoint_to_use(cfg: DictConfig, run_dir: Path) -> str | None:
     return None
 
 
+def check_devices(trainer: DictConfig) -> None:
+    """Refuse, before any data or model work, a trainer this machine cannot run: a strategy whose package is
+    missing, GPUs where there are none, more GPUs than there are."""
+    import importlib.util
+
+    import torch
+
+    strategy = trainer.get("strategy")
+    name = str(strategy.get("_target_", "")) if isinstance(strategy, DictConfig) else str(strategy or "")
+    if "deepspeed" in name.lower() and importlib.util.find_spec("deepspeed") is None:
+        raise UserError(f"trainer.strategy={name} needs the deepspeed package, which is not installed: "
+                        "pip install 'lightning_ft[deepspeed]' (on a machine with CUDA), or use trainer=fsdp.")
+    if str(trainer.get("accelerator", "auto")) not in ("gpu", "cuda"):
+        return
+    available = torch.cuda.device_count()
+    if available == 0:
+        raise UserError("the trainer runs on GPUs (trainer.accelerator=gpu) but this machine has none: use "
+                        "trainer=cpu, or trainer=ddp_sim for 2 CPU processes.")
+    devices = trainer.get("devices", "auto")
+    wanted = len(devices) if isinstance(devices, (list, ListConfig)) else devices
+    if isinstance(wanted, int) and wanted > available:
+        raise UserError(f"trainer.devices={devices} asks for {wanted} GPUs but this machine has {available}: set "
+                        f"trainer.devices={available} (or auto), or add nodes with trainer.num_nodes.")
+
+
 # Keys of the trainer config that lightning_ft reads itself; the rest go to pytorch_lightning.Trainer.
 OWN_TRAINER_KEYS = ("skip_nonfinite",)
 LOGGER_RUN_KEYS = {"WandbLogger": "id", "MLFlowLogger": "run_id"}  # the argument that reopens a logger's run
@@ -155,6 +180,7 @@ def train(cfg: DictConfig) -> float | None:
 
     run_dir = Path(cfg.run_dir)
     ckpt_path = _checkpoint_to_use(cfg, run_dir)  # before anything is written: a bad ckpt_path leaves no run dir
+    check_devices(cfg.trainer)
     run_dir.mkdir(parents=True, exist_ok=True)
     with open_dict(cfg):
         cfg.ckpt_path = ckpt_path

@@ -21,7 +21,8 @@ LOCAL_DATA = {"sst2": SHARED / "glue_sst2", "stsb": SHARED / "glue_stsb", "conll
 # The tiny model of each task that has no BERT head (QUICK's tiny_bert is swapped for it).
 TINY_BACKBONES = {"translation": "tiny_t5", "summarization": "tiny_t5", "clm": "tiny_gpt2", "mlm": "tiny_bert_scratch"}
 # Composed but not instantiated here: they need something this machine does not have.
-NEEDS_EXTRA = {("trainer", "gpu"): "a GPU"}
+NEEDS_EXTRA = {("trainer", "gpu"): "a GPU", ("trainer", "ddp"): "GPUs", ("trainer", "fsdp"): "GPUs",
+               ("trainer", "deepspeed"): "GPUs and the deepspeed package"}
 
 
 def options(group: str) -> list[str]:

@@ -243,3 +243,22 @@ def test_sigusr1_saves_the_step_and_stops_and_its_handler_is_put_back(data_dir, 
     assert stop.value.signum == signal.SIGUSR1  # the entry point exits with 128 + 10
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
     assert signal.getsignal(signal.SIGUSR1) == before
+
+
+def test_a_trainer_this_machine_cannot_run_is_refused_before_any_work(data_dir, tmp_path, monkeypatch):
+    import importlib.util
+
+    import torch
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else
+                        real_find_spec(name, *a))
+    with pytest.raises(UserError, match="deepspeed_stage_2 needs the deepspeed package"):
+        train_run(quick(data_dir, tmp_path / "a", "trainer=deepspeed"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(UserError, match="runs on GPUs .* but this machine has none: use trainer=cpu"):
+        train_run(quick(data_dir, tmp_path / "b", "trainer=ddp"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(UserError, match=r"trainer.devices=4 asks for 4 GPUs but this machine has 2"):
+        train_run(quick(data_dir, tmp_path / "c", "trainer=fsdp", "trainer.devices=4"))
+    assert not any((tmp_path / name).exists() for name in "abc")  # nothing written
