@@ -63,9 +63,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
-def find_resume_checkpoint(run_dir: Path) -> Path | None:
+def find_resume_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
     """The newest readable checkpoint with training state in ``run_dir`` (``checkpoints/*.ckpt``, and the
-    ``hpc_ckpt_*.ckpt`` Lightning writes on a SLURM requeue). Unreadable ones are skipped, with a warning."""
+    ``hpc_ckpt_*.ckpt`` Lightning writes on a SLURM requeue), and its contents. Unreadable ones are skipped, with a
+    warning."""
     candidates = [*run_dir.glob("checkpoints/*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
     for path in sorted(candidates, key=lambda p: p.stat().st_mtime_ns, reverse=True):
         try:
@@ -76,7 +77,7 @@ def find_resume_checkpoint(run_dir: Path) -> Path | None:
         if "loops" not in checkpoint:
             log.warning("resume=auto: skipping %s: it holds weights only, no training state.", path)
             continue
-        return path
+        return path, checkpoint
     return None
 
 

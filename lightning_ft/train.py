@@ -47,7 +47,7 @@ def build_task(cfg: DictConfig, datamodule: Any) -> Any:
     )
 
 
-def _tokenizer_and_data(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any]:
+def _tokenizer_and_data(cfg: DictConfig, run_dir: Path, saved_checkpoint: dict[str, Any] | None) -> tuple[Any, Any]:
     """The tokenizer and the DataModule. A backbone built from a config with ``train_tokenizer`` gets a tokenizer
     trained on the training text, saved in ``<run_dir>/tokenizer`` (the checkpoint's backbone points at it, and the
     export copies it); a resumed or tested checkpoint, or a run directory that has one already (another DDP rank),
@@ -62,7 +62,8 @@ def _tokenizer_and_data(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any]:
         return tokenizer, instantiate(cfg.dataset, tokenizer=tokenizer, seed=cfg.seed, _convert_="all")
     datamodule = instantiate(cfg.dataset, tokenizer=None, seed=cfg.seed, _convert_="all")
     saved = run_dir / "tokenizer"
-    source = _checkpoint_tokenizer(cfg.ckpt_path) or (saved if (saved / "tokenizer_config.json").is_file() else None)
+    source = (_checkpoint_tokenizer(saved_checkpoint)
+              or (saved if (saved / "tokenizer_config.json").is_file() else None))
     if source:
         tokenizer = load_tokenizer(tokenizer=str(source))
         log.info("Using the tokenizer trained for this model: %s", source)
@@ -80,13 +81,10 @@ def _tokenizer_and_data(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any]:
     return tokenizer, datamodule
 
 
-def _checkpoint_tokenizer(ckpt_path: str | None) -> Path | None:
+def _checkpoint_tokenizer(saved: dict[str, Any] | None) -> Path | None:
     """The trained tokenizer a checkpoint's model was built with, when it still exists."""
-    if not ckpt_path:
+    if not saved:
         return None
-    from lightning_ft.lifecycle import read_checkpoint
-
-    saved = read_checkpoint(ckpt_path)
     folder = (saved.get("hyper_parameters", {}).get("backbone") or {}).get("tokenizer")
     if folder and not Path(folder).is_dir():
         raise UserError(f"the checkpoint's model was built for the tokenizer in '{folder}', which no longer exists: "
@@ -94,9 +92,9 @@ def _checkpoint_tokenizer(ckpt_path: str | None) -> Path | None:
     return Path(folder) if folder else None
 
 
-def _checkpoint_to_use(cfg: DictConfig, run_dir: Path) -> str | None:
+def _checkpoint_to_use(cfg: DictConfig, run_dir: Path) -> tuple[str | None, dict[str, Any] | None]:
     """``ckpt_path`` if given (checked readable), else with ``resume=auto`` the newest good checkpoint of the run
-    directory, else None."""
+    directory, else None; with its contents (memory-mapped), read once for every check that needs them."""
     from lightning_ft.lifecycle import RESUME_CHOICES, find_resume_checkpoint, read_checkpoint
 
     resume = cfg.get("resume")
@@ -104,16 +102,15 @@ def _checkpoint_to_use(cfg: DictConfig, run_dir: Path) -> str | None:
         raise UserError(f"resume={resume} is not a choice: use resume=auto (continue from the newest checkpoint of "
                         "run_dir) or leave it unset, and ckpt_path=<file> for a given checkpoint.")
     if cfg.ckpt_path:
-        read_checkpoint(cfg.ckpt_path)
-        return str(cfg.ckpt_path)
+        return str(cfg.ckpt_path), read_checkpoint(cfg.ckpt_path)
     if resume == "auto" and cfg.train:
         found = find_resume_checkpoint(run_dir)
         if found is None:
             log.info("resume=auto: no checkpoint in %s yet, starting from the beginning.", run_dir / "checkpoints")
-            return None
-        log.info("resume=auto: continuing from %s", found)
-        return str(found)
-    return None
+            return None, None
+        log.info("resume=auto: continuing from %s", found[0])
+        return str(found[0]), found[1]
+    return None, None
 
 
 def check_devices(trainer: DictConfig) -> None:
@@ -174,12 +171,13 @@ def train(cfg: DictConfig) -> float | None:
     import torch
     from hydra.utils import instantiate
 
-    from lightning_ft.lifecycle import AtomicCheckpointIO, PreemptionCheckpoint, check_checkpoint_fits, read_checkpoint
+    from lightning_ft.lifecycle import AtomicCheckpointIO, PreemptionCheckpoint, check_checkpoint_fits
     from lightning_ft.report import RunRecord, save_environment, write_report
     from lightning_ft.throughput import ThroughputMonitor, resolve_precision
 
     run_dir = Path(cfg.run_dir)
-    ckpt_path = _checkpoint_to_use(cfg, run_dir)  # before anything is written: a bad ckpt_path leaves no run dir
+    # before anything is written: a bad ckpt_path leaves no run dir
+    ckpt_path, saved_checkpoint = _checkpoint_to_use(cfg, run_dir)
     check_devices(cfg.trainer)
     run_dir.mkdir(parents=True, exist_ok=True)
     with open_dict(cfg):
@@ -189,7 +187,7 @@ def train(cfg: DictConfig) -> float | None:
             cfg.trainer.pop(key, None)
     pl.seed_everything(cfg.seed, workers=True)
 
-    tokenizer, datamodule = _tokenizer_and_data(cfg, run_dir)
+    tokenizer, datamodule = _tokenizer_and_data(cfg, run_dir, saved_checkpoint)
     datamodule.prepare_data()  # checks columns and labels and tokenizes (or reads the cache) before any model
     module = build_task(cfg, datamodule)
     embeddings = module.model.get_input_embeddings().num_embeddings
@@ -199,8 +197,11 @@ def train(cfg: DictConfig) -> float | None:
             "backbone.tokenizer the model's own tokenizer, or build the model fresh (backbone.pretrained=false)."
         )
 
-    if ckpt_path:
-        check_checkpoint_fits(read_checkpoint(ckpt_path), ckpt_path, module)
+    resume_step = None
+    if saved_checkpoint is not None:
+        check_checkpoint_fits(saved_checkpoint, ckpt_path, module)
+        resume_step = int(saved_checkpoint.get("global_step", 0)) if cfg.train else None
+        saved_checkpoint = None  # Lightning reads the file itself in fit: let go of the mapping
     module.skip_nonfinite = skip_nonfinite
 
     metric, mode = module.monitor
@@ -214,8 +215,6 @@ def train(cfg: DictConfig) -> float | None:
                                "data": datamodule.preparation, "resumed_from": ckpt_path if cfg.train else None,
                                "environment": save_environment(run_dir)}
 
-    resuming = bool(cfg.train and ckpt_path)
-    resume_step = int(read_checkpoint(ckpt_path).get("global_step", 0)) if resuming else None
     record = RunRecord()
     callbacks = [*_build(cfg.get("callbacks")), record, PreemptionCheckpoint(str(run_dir / "checkpoints"))]
     loggers = _build_loggers(cfg, run_dir, resume_step)

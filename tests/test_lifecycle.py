@@ -149,7 +149,8 @@ def test_resume_auto_skips_a_corrupt_checkpoint_for_the_previous_good_one(tmp_pa
     torch.save({"state_dict": {}, "loops": {}, "global_step": 8}, folder / "best-epoch00-step8.ckpt")
     good = folder / "best-epoch00-step8.ckpt"
     (folder / "last.ckpt").write_bytes(good.read_bytes()[:100])  # truncated, and newer
-    assert find_resume_checkpoint(tmp_path) == good
+    found, contents = find_resume_checkpoint(tmp_path)
+    assert found == good and contents["global_step"] == 8
     assert "skipping" in caplog.text and "last.ckpt" in caplog.text and "truncated" in caplog.text
     assert find_resume_checkpoint(tmp_path / "nothing-here") is None
 

@@ -31,7 +31,6 @@ _COMPRESSION = {".gz", ".bz2", ".xz", ".zst"}
 # Bump when what `encode` writes changes in a way the fingerprint cannot see, so stale caches are not reused.
 CACHE_VERSION = 1
 
-
 def _builder_for(path: Path) -> str:
     suffixes = [s for s in path.suffixes if s not in _COMPRESSION]
     ext = suffixes[-1].lower() if suffixes else ""
@@ -40,7 +39,6 @@ def _builder_for(path: Path) -> str:
             f"dataset file '{path}' has an unknown extension '{ext}': use one of {', '.join(sorted(_BUILDERS))}."
         )
     return _BUILDERS[ext]
-
 
 def iter_jsonl(source: Path):
     """``(line number, value)`` for every non-blank line of a JSON-lines file; a line that is not JSON is an error
@@ -53,7 +51,6 @@ def iter_jsonl(source: Path):
                 yield number, json.loads(line)
             except json.JSONDecodeError as err:
                 raise UserError(f"{source}:{number} is not JSON ({err.msg}): write one object a line.") from err
-
 
 def _fingerprint(data: Any) -> str:
     """The raw split's identity for the tokenized-data cache key."""
@@ -68,7 +65,6 @@ def _fingerprint(data: Any) -> str:
         writer.write_table(data.data.table)
     return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()
 
-
 def tokenizer_signature(tokenizer: Any) -> str:
     """A stable identity of a tokenizer's vocabulary and rules, for the tokenized-data cache key."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -82,7 +78,6 @@ def tokenizer_signature(tokenizer: Any) -> str:
         text = json.dumps(sorted(tokenizer.get_vocab().items()))
     special = json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
     return hashlib.sha256((type(tokenizer).__name__ + text + special).encode()).hexdigest()[:16]
-
 
 
 class EpochShuffle(Sampler[int]):
@@ -109,24 +104,14 @@ class EpochShuffle(Sampler[int]):
     def __len__(self) -> int:
         return self.size
 
+
 class ResumableLoader(StatefulDataLoader):
-    """torchdata's ``StatefulDataLoader`` (its state: how far into the epoch it has read) plus the sampler's epoch.
-
-    A resumed run creates its iterator before Lightning sets the epoch, so the epoch must come with the state; and
-    a checkpoint taken after the epoch's last batch (the end-of-epoch validation) starts the next epoch afresh,
-    where torchdata would re-read the finished one."""
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "epoch": getattr(self.sampler, "epoch", None)}
+    """torchdata's ``StatefulDataLoader`` (its state: how far into the epoch it has read), except that a checkpoint
+    taken after the epoch's last batch (the end-of-epoch validation) starts the next epoch afresh, where torchdata
+    would re-read the finished one. (The sampler's epoch is set when the loader is made: ``_loader``.)"""
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        state = dict(state)
-        epoch = state.pop("epoch", None)
-        if epoch is not None and state.get("_num_yielded", 0) >= len(self):
-            epoch, state = epoch + 1, {}
-        if epoch is not None and hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(epoch)  # DDP's sampler wrapper passes it on to ours
-        if state:
+        if state.get("_num_yielded", 0) < len(self):
             super().load_state_dict(state)
 
 
@@ -432,8 +417,8 @@ class TaskDataModule(pl.LightningDataModule):
         # A stateful loader over an order that depends only on (seed, epoch): a checkpoint records how many batches
         # of the epoch were read, and a resumed run skips exactly those (trainer.fit with a mid-epoch checkpoint).
         sampler = EpochShuffle(len(data), seed=self.seed, lengths=lengths, batch_size=self.batch_size)
-        # A run resumed from an end-of-epoch checkpoint creates its first iterator before Lightning sets the new
-        # epoch (and restores no loader state): start it in the epoch the loop will run.
+        # A resumed run creates its first iterator before Lightning sets the epoch: start it in the epoch the loop
+        # will run (the one in progress, or the next after an end-of-epoch checkpoint).
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
             sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed)
