@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,10 @@ def weights_that_do_not_fit(expected: dict[str, Any], found: dict[str, Any]) -> 
     return f"no weights for {', '.join(missing[:3])}" if missing else None
 
 
+# Signals that ask for a checkpoint and, inside a SLURM job, a requeue (SIGTERM only asks for the checkpoint).
+REQUEUE_SIGNALS = tuple(getattr(signal, name) for name in ("SIGUSR1", "SIGUSR2") if hasattr(signal, name))
+
+
 class Preempted(Exception):
     """Raised after a preemption signal once the checkpoint is written; the entry point exits with 128 + signal."""
 
@@ -120,35 +125,33 @@ class Preempted(Exception):
 
 
 class PreemptionCheckpoint(pl.Callback):
-    """On SIGTERM or SIGUSR1 (what schedulers send before they stop a job), finish the current training step,
-    write ``last.ckpt`` and exit, so that ``resume=auto`` continues from that very step. Under SLURM with Lightning's
-    auto-requeue, Lightning's own SIGUSR1 handler (checkpoint + requeue) is left in charge of SIGUSR1."""
+    """On SIGTERM, SIGUSR1 or SIGUSR2 (what schedulers send before they stop a job: SLURM's ``--signal``, submitit's
+    USR2), finish the current training step, write ``last.ckpt`` and stop, so that ``resume=auto`` continues from
+    that very step. Inside a SLURM job, SIGUSR1/SIGUSR2 also requeue the job: through submitit's own handler when
+    submitit runs the job (it resubmits the same call), else with ``scontrol requeue``. (Lightning's SLURM
+    auto-requeue is turned off by train.py: it saves from inside the signal handler, in the middle of a step.)"""
 
     def __init__(self, dirpath: str) -> None:
         self.dirpath = Path(dirpath)
         self.received: int | None = None
         self.pending: Preempted | None = None
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self.received = signum
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Installed here, after Lightning's own handlers (which put back what they found on teardown).
-        from lightning_fabric.plugins.environments import SLURMEnvironment
-
-        environment = trainer._accelerator_connector.cluster_environment
-        slurm_requeue = isinstance(environment, SLURMEnvironment) and environment.auto_requeue
-        if not slurm_requeue and hasattr(signal, "SIGUSR1"):
-            self._previous = signal.signal(signal.SIGUSR1, self._on_signal)
+        for signum in REQUEUE_SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._on_signal)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._put_back_handler()
 
     def _put_back_handler(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGUSR1, self._previous)
-            self._previous = None
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if self.pending is not None:
@@ -165,8 +168,30 @@ class PreemptionCheckpoint(pl.Callback):
         name = signal.Signals(signum).name
         self.pending = Preempted(signum, f"received {name}: saved step {trainer.global_step} to {path} and stopped; "
                                          "run the same command with resume=auto (and the same run_dir) to continue.")
+        if signum in REQUEUE_SIGNALS and os.environ.get("SLURM_JOB_ID"):
+            self._requeue(trainer, signum)
         # The exit comes once the step's metrics are logged: Lightning raises at the end of the step on SIGTERM, and
         # the hooks below stop before anything else runs.
+
+    def _requeue(self, trainer: pl.Trainer, signum: int) -> None:
+        for logger in trainer.loggers:
+            logger.save()  # the requeue ends this process soon: keep the rows logged so far
+        previous = self._previous.get(signum)
+        self._put_back_handler()
+        if callable(previous):  # submitit's handler: it pickles the call again, requeues the job and exits
+            previous(signum, None)
+            return
+        if not trainer.is_global_zero:
+            return
+        job = os.environ["SLURM_JOB_ID"]
+        if os.environ.get("SLURM_ARRAY_JOB_ID"):
+            job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+        if done.returncode == 0:
+            log.warning("requeued SLURM job %s: it continues from %s", job, self.dirpath / "last.ckpt")
+        else:
+            log.warning("could not requeue SLURM job %s (scontrol: %s): resubmit it with resume=auto", job,
+                        done.stderr.strip())
 
     def _stop(self, *args: Any) -> None:
         if self.pending is not None:
@@ -178,6 +203,7 @@ class PreemptionCheckpoint(pl.Callback):
         self._put_back_handler()  # Lightning does not call teardown hooks after an exception
         if self.pending is not None and exception is not self.pending:
             log.warning("%s", self.pending)
+
 
 class CSVLogger(LightningCSVLogger):
     """Lightning's CSV logger (``metrics.csv``), except that a resumed run keeps the rows its earlier attempts logged

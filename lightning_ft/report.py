@@ -6,6 +6,7 @@ checkpoint, so a resumed run's curve starts at step 0 too."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -16,11 +17,13 @@ from typing import Any
 
 import pytorch_lightning as pl
 
+SLURM_KEYS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT", "SLURM_JOB_NODELIST",
+              "SLURM_NTASKS")
 PACKAGES = ("lightning_ft", "torch", "pytorch-lightning", "transformers", "datasets", "tokenizers", "hydra-core",
             "torchmetrics", "torchdata")
 
 
-def environment() -> dict[str, Any]:
+def environment(argv: list[str] | None = None) -> dict[str, Any]:
     """Versions of Python and the packages that decide a run's numbers, and the git commit of lightning_ft's source
     (when it runs from a git checkout), with whether that checkout had uncommitted changes."""
     versions = {"python": platform.python_version()}
@@ -29,7 +32,10 @@ def environment() -> dict[str, Any]:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
-    info: dict[str, Any] = {"versions": versions, "platform": platform.platform(), "argv": sys.argv}
+    info: dict[str, Any] = {"versions": versions, "platform": platform.platform(), "argv": list(argv or sys.argv)}
+    slurm = {key.removeprefix("SLURM_").lower(): os.environ[key] for key in SLURM_KEYS if key in os.environ}
+    if slurm:
+        info["slurm"] = slurm
     source = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=10)
@@ -167,7 +173,8 @@ def write_report(run_dir: Path, cfg: dict[str, Any], results: dict[str, Any], re
     return path
 
 
-def save_environment(run_dir: Path) -> dict[str, Any]:
-    info = environment()
-    (run_dir / "environment.json").write_text(json.dumps(info, indent=2))
+def save_environment(run_dir: Path, argv: list[str] | None = None, write: bool = True) -> dict[str, Any]:
+    info = environment(argv)
+    if write:
+        (run_dir / "environment.json").write_text(json.dumps(info, indent=2))
     return info

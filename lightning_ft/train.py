@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -98,6 +99,10 @@ def _checkpoint_to_use(cfg: DictConfig, run_dir: Path) -> tuple[str | None, dict
     from lightning_ft.lifecycle import RESUME_CHOICES, find_resume_checkpoint, read_checkpoint
 
     resume = cfg.get("resume")
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    if resume is None and restarts and not cfg.ckpt_path:
+        log.info("SLURM requeued this job (restart %d): resume=auto.", restarts)
+        resume = "auto"
     if resume not in RESUME_CHOICES:
         raise UserError(f"resume={resume} is not a choice: use resume=auto (continue from the newest checkpoint of "
                         "run_dir) or leave it unset, and ckpt_path=<file> for a given checkpoint.")
@@ -165,8 +170,63 @@ def _build_loggers(cfg: DictConfig, run_dir: Path, resume_step: int | None) -> l
     return loggers
 
 
-def train(cfg: DictConfig) -> float | None:
-    """Run one training job; returns the best value of the monitored metric (what a sweep optimizes)."""
+def _check_sweep_direction(monitor: str, mode: str) -> None:
+    """An Optuna sweep must optimize the way the monitored metric improves (train returns that metric)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    sweeper = HydraConfig.get().get("sweeper") or {}
+    direction = sweeper.get("direction")
+    if "optuna" not in str(sweeper.get("_target_", "")).lower() or not isinstance(direction, str):
+        return
+    wanted = "maximize" if mode == "max" else "minimize"
+    if direction != wanted:
+        raise UserError(f"the Optuna sweep would {direction} {monitor}, which is better when it is {mode}imal: set "
+                        f"hydra.sweeper.direction={wanted} (or monitor= another metric).")
+
+
+def _cluster_environment() -> list[Any]:
+    """Inside a SLURM job: Lightning's SLURM environment (ranks from SLURM) without its auto-requeue, which saves
+    from inside the signal handler in the middle of a step; PreemptionCheckpoint saves at the step's end and
+    requeues instead."""
+    from lightning_fabric.plugins.environments import SLURMEnvironment
+
+    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+
+
+DATA_READY = ".data_ready"  # rank 0 writes it in the run directory once the tokenizer and the tokenized cache exist
+
+
+def _launch_id() -> str:
+    """What every rank of one launch shares, and the next launch (a requeue) does not."""
+    keys = ("SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_RESTART_COUNT", "TORCHELASTIC_RUN_ID")
+    return ";".join(os.environ.get(key, "") for key in keys)
+
+
+def wait_for_rank_zero_data(run_dir: Path, timeout_s: float = 3600.0) -> None:
+    """Ranks > 0 wait until rank 0 has trained the tokenizer (a model built from a config) and tokenized the data,
+    so that no rank tokenizes again or trains a tokenizer of its own. Ranks that Lightning starts itself come after
+    rank 0 prepared the data and find the mark at once; ranks that srun or torchrun start beside rank 0 wait."""
+    marker, launch, started = run_dir / DATA_READY, _launch_id(), time.monotonic()
+    while not (marker.is_file() and marker.read_text() == launch):
+        if time.monotonic() - started > timeout_s:
+            raise UserError(f"rank {launch_rank()} waited {timeout_s:.0f} s for rank 0 to prepare the data in "
+                            f"{run_dir}: look at rank 0's log for its error.")
+        time.sleep(0.5)
+
+
+def launch_rank() -> int:
+    """This process's global rank as its launcher set it (Lightning's rule: RANK, LOCAL_RANK, SLURM_PROCID), known
+    before any Trainer exists: ranks > 0 write nothing to the run directory."""
+    from lightning_fabric.utilities.rank_zero import rank_zero_only
+
+    return int(getattr(rank_zero_only, "rank", 0) or 0)
+
+
+def train(cfg: DictConfig, command: list[str] | None = None) -> float | None:
+    """Run one training job; returns the best value of the monitored metric (what a sweep optimizes).
+    ``command``: the command line to record (default ``sys.argv``)."""
     import pytorch_lightning as pl
     import torch
     from hydra.utils import instantiate
@@ -180,6 +240,7 @@ def train(cfg: DictConfig) -> float | None:
     ckpt_path, saved_checkpoint = _checkpoint_to_use(cfg, run_dir)
     check_devices(cfg.trainer)
     run_dir.mkdir(parents=True, exist_ok=True)
+    writer = launch_rank() == 0
     with open_dict(cfg):
         cfg.ckpt_path = ckpt_path
         skip_nonfinite = bool(cfg.trainer.get("skip_nonfinite", False))
@@ -187,8 +248,15 @@ def train(cfg: DictConfig) -> float | None:
             cfg.trainer.pop(key, None)
     pl.seed_everything(cfg.seed, workers=True)
 
+    if not writer:  # ranks started beside rank 0 (srun, torchrun) use its tokenizer and tokenized cache
+        wait_for_rank_zero_data(run_dir)
     tokenizer, datamodule = _tokenizer_and_data(cfg, run_dir, saved_checkpoint)
     datamodule.prepare_data()  # checks columns and labels and tokenizes (or reads the cache) before any model
+    if writer:
+        (run_dir / DATA_READY).write_text(_launch_id())
+    else:
+        log.info("rank %d: tokenized %d rows (0: every split read from rank 0's cache)", launch_rank(),
+                 datamodule.examples_tokenized)
     module = build_task(cfg, datamodule)
     embeddings = module.model.get_input_embeddings().num_embeddings
     if len(tokenizer) > embeddings:
@@ -210,16 +278,18 @@ def train(cfg: DictConfig) -> float | None:
         cfg.monitor_mode = cfg.monitor_mode or mode
         cfg.trainer.precision = resolve_precision(cfg.trainer.get("precision", "auto"),
                                                   cfg.trainer.get("accelerator", "auto"))
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    _check_sweep_direction(cfg.monitor, cfg.monitor_mode)
+    if writer:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     results: dict[str, Any] = {"monitor": cfg.monitor, "precision": str(cfg.trainer.precision),
                                "data": datamodule.preparation, "resumed_from": ckpt_path if cfg.train else None,
-                               "environment": save_environment(run_dir)}
+                               "environment": save_environment(run_dir, command, write=writer)}
 
     record = RunRecord()
     callbacks = [*_build(cfg.get("callbacks")), record, PreemptionCheckpoint(str(run_dir / "checkpoints"))]
     loggers = _build_loggers(cfg, run_dir, resume_step)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=[lg for _, lg in loggers] or False,
-                          plugins=[AtomicCheckpointIO()])
+                          plugins=[AtomicCheckpointIO(), *_cluster_environment()])
     if skip_nonfinite and trainer.world_size > 1:
         raise UserError("trainer.skip_nonfinite=true works on one device only (a step skipped on one rank would hang "
                         "the others' gradient all-reduce): leave it false with several devices.")
@@ -247,6 +317,10 @@ def train(cfg: DictConfig) -> float | None:
     if cfg.train:
         best_score = checkpoint.best_model_score if checkpoint else None
         results["best_score"] = float(best_score) if best_score is not None else None
+        best = [v for v in record.validation if best_score is not None and cfg.monitor in v
+                and math.isclose(v[cfg.monitor], results["best_score"], rel_tol=1e-6)]
+        results["best_epoch"] = best[-1]["epoch"] if best else None
+        results["best_step"] = best[-1]["step"] if best else None
     # Every reported number describes the same weights: the ones that are tested and exported.
     validated = trainer.validate(module, datamodule=datamodule)  # [] when trainer.limit_val_batches=0
     results["validation"] = {k: float(v) for k, v in (validated or [{}])[0].items()}
@@ -353,18 +427,59 @@ def _print_summary(results: dict[str, Any], run_dir: Path) -> None:
     console.print(f"Report: {results['report']}")
 
 
-def _multirun_job_dir(cfg: DictConfig) -> None:
-    """In a multirun, each job writes into its own sweep subdirectory (unless its overrides give run_dir)."""
+def _multirun_job_dir(cfg: DictConfig) -> bool:
+    """In a multirun, each job writes into its own sweep subdirectory (unless its overrides give run_dir).
+    Returns whether this is a multirun job."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     if not HydraConfig.initialized():
-        return
+        return False
     hydra_cfg = HydraConfig.get()
     given = any(o.split("=", 1)[0].lstrip("+~") == "run_dir" for o in hydra_cfg.overrides.task)
     if hydra_cfg.mode == RunMode.MULTIRUN and not given:
         with open_dict(cfg):
             cfg.run_dir = hydra_cfg.runtime.output_dir
+    return hydra_cfg.mode == RunMode.MULTIRUN
+
+
+# What Lightning's launcher puts in the environment of rank 0 when it starts ranks 1..N-1 itself.
+LAUNCHER_ENV = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _end_distributed_job(launcher_env: dict[str, str | None]) -> None:
+    """Leave the process as the job found it, so the next job of a multirun can start its own ranks: Lightning keeps
+    the process group, and reads LOCAL_RANK in the environment as "ranks were started by someone else" (the next
+    job would then wait for ranks that have exited)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    for key, value in launcher_env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def _this_job_command(cfg: DictConfig) -> list[str]:
+    """The command line that runs this job alone, in this job's run directory. With several devices on one machine,
+    Lightning starts ranks 1..N-1 by re-running ``sys.argv`` plus Hydra's ``hydra.run.dir``. In a multirun sys.argv
+    still holds the whole sweep (``-m optim.lr=1e-5,3e-5``), so every rank would start the sweep again; and
+    ``run_dir`` comes from the clock, so a rank started a second later would write to another directory."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import read_write
+
+    if not HydraConfig.initialized():
+        return list(sys.argv)
+    hydra_cfg = HydraConfig.get()
+    run_dir = str(Path(cfg.run_dir).resolve())
+    with open_dict(cfg):
+        cfg.run_dir = run_dir
+    with read_write(hydra_cfg), open_dict(hydra_cfg):
+        hydra_cfg.run.dir = run_dir  # Lightning passes it on as hydra.run.dir (where a rank's log file goes)
+    overrides = [o for o in hydra_cfg.overrides.task if o.split("=", 1)[0].lstrip("+~") != "run_dir"]
+    return [sys.argv[0], *overrides, f'run_dir="{run_dir}"']
 
 
 register_resolvers()
@@ -377,9 +492,14 @@ def main(cfg: DictConfig) -> float | None:
 
     from lightning_ft.lifecycle import Preempted
 
-    _multirun_job_dir(cfg)
+    multirun = _multirun_job_dir(cfg)
+    command = list(sys.argv)
+    sys.argv = _this_job_command(cfg)
+    if multirun:  # what reruns this job alone (sys.argv holds the whole sweep, or submitit's worker)
+        command = ["lightning_ft/train.py", *sys.argv[1:]]
+    launcher_env = {key: os.environ.get(key) for key in LAUNCHER_ENV}
     try:
-        return train(cfg)
+        return train(cfg, command)
     except UserError as err:
         log.error("%s", err)
         print(f"error: {err}", file=sys.stderr)
@@ -391,7 +511,31 @@ def main(cfg: DictConfig) -> float | None:
         log.warning("stopped on SIGTERM; resume=auto continues from the newest checkpoint in %s.",
                     Path(cfg.run_dir) / "checkpoints")
         sys.exit(128 + 15)
+    finally:
+        sys.argv = command
+        _end_distributed_job(launcher_env)
+
+
+# Options that need an optional package, and the extra that installs it. Hydra itself would only say that it
+# "could not find hydra/launcher/submitit_slurm".
+OPTIONAL_PLUGINS = {
+    "hydra/launcher=slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm", "hydra-submitit-launcher"),
+    "hparams_search=optuna": ("hydra_plugins.hydra_optuna_sweeper", "optuna", "hydra-optuna-sweeper"),
+}
+
+
+def cli() -> None:
+    """The command line: an option whose optional package is missing stops here, in one sentence; then main."""
+    import importlib.util
+
+    for arg in sys.argv[1:]:
+        module, extra, package = OPTIONAL_PLUGINS.get(arg, (None, None, None))
+        if module and importlib.util.find_spec(module) is None:
+            print(f"error: {arg} needs {package}, which is not installed: pip install 'lightning_ft[{extra}]'.",
+                  file=sys.stderr)
+            sys.exit(2)
+    main()
 
 
 if __name__ == "__main__":
-    main()
+    cli()

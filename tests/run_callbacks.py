@@ -50,3 +50,22 @@ class NaNAtStep(pl.Callback):
             return outputs
 
         pl_module.forward = poisoned
+
+
+class WaitForSignalAtStep(pl.Callback):
+    """On a job's first run, at ``step``: writes the SLURM job id to ``marker`` and waits (up to 120 s) for a signal,
+    so that a test can signal the job through SLURM at a known step. A requeued run (restart > 0) does not wait."""
+
+    def __init__(self, step: int, marker: str) -> None:
+        self.step, self.marker = step, Path(marker)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step != self.step or int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
+            return
+        import time
+
+        watcher = next(cb for cb in trainer.callbacks if type(cb).__name__ == "PreemptionCheckpoint")
+        self.marker.write_text(os.environ.get("SLURM_JOB_ID", ""))
+        deadline = time.monotonic() + 120
+        while watcher.received is None and not trainer.received_sigterm and time.monotonic() < deadline:
+            time.sleep(0.05)

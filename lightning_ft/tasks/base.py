@@ -13,7 +13,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 
 from lightning_ft.backbones import load_model
 from lightning_ft.errors import UserError
@@ -22,6 +22,16 @@ from lightning_ft.optim import parameter_groups
 log = logging.getLogger("lightning_ft")
 
 STAGES = ("val", "test")
+
+
+def loss_elements(batch: dict) -> int:
+    """How many elements a Hugging Face head's mean loss averages over: the labels not set to -100 (tokens for
+    token classification, rows for classification), every value of float labels (regression, multi-label), or
+    the rows where the labels have another name (QA's start/end positions)."""
+    labels = batch.get("labels")
+    if labels is None:
+        return len(batch["input_ids"])
+    return int(labels.numel() if labels.is_floating_point() else (labels != -100).sum())
 
 
 def rows_of_rank(total: int, world_size: int, rank: int) -> int:
@@ -94,6 +104,9 @@ class TaskModule(pl.LightningModule):
         # this the whole fine-tuning would run with dropout off.
         self.model.train()
         self.metrics = torch.nn.ModuleDict({stage: self.make_metrics(f"{stage}/") for stage in STAGES})
+        # The evaluation loss as a corpus mean: each batch's mean loss weighted by the elements it averages,
+        # summed over ranks. (self.log's mean of batch means changes with the batching and the number of ranks.)
+        self.eval_loss = torch.nn.ModuleDict({stage: MeanMetric() for stage in STAGES})
 
     # ---- what a task subclass provides -------------------------------------------------------------------------
     def make_metrics(self, prefix: str) -> MetricCollection:
@@ -135,9 +148,15 @@ class TaskModule(pl.LightningModule):
         )
 
     def _eval_step(self, stage: str, batch: dict) -> None:
+        rows = len(batch["input_ids"])
+        own = self.own_rows(stage, rows)
+        if own == 0:
+            return  # every row of this batch repeats another rank's (DistributedSampler's padding)
+        if own < rows:
+            batch = {k: v[:own] if isinstance(v, (torch.Tensor, list)) and len(v) == rows else v
+                     for k, v in batch.items()}
         outputs = self(**batch)
-        self.log(f"{stage}/loss", outputs.loss, prog_bar=stage == "val", sync_dist=True,
-                 batch_size=len(batch["input_ids"]))
+        self.eval_loss[stage].update(outputs.loss.detach().float(), loss_elements(batch))
         self.update_metrics(self.metrics[stage], outputs, batch)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -172,11 +191,20 @@ class TaskModule(pl.LightningModule):
         self.log_dict(values, prog_bar=stage == "val")
         self.metrics[stage].reset()
 
+    def _end_evaluation(self, stage: str) -> None:
+        self._log_epoch_metrics(stage)
+        if self.eval_loss[stage].update_called:  # tasks with their own evaluation step log their own loss
+            self.log(f"{stage}/loss", self.eval_loss[stage].compute(), prog_bar=stage == "val")
+            # Fresh states made under trainer.validate's inference mode could not be updated by an evaluation that
+            # runs without it (validate_before, then fit's validation).
+            with torch.inference_mode(False):
+                self.eval_loss[stage].reset()
+
     def on_validation_epoch_end(self) -> None:
-        self._log_epoch_metrics("val")
+        self._end_evaluation("val")
 
     def on_test_epoch_end(self) -> None:
-        self._log_epoch_metrics("test")
+        self._end_evaluation("test")
 
     # ---- optimisation ------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:

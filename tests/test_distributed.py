@@ -1,0 +1,70 @@
+"""Several ranks from one command: `trainer=ddp_sim` (2 CPU processes over gloo) trains, writes one run directory,
+tokenizes once, and evaluates to exactly the numbers one process gets on the same weights."""
+
+import json
+import shutil
+import threading
+import time
+
+import pytest
+from cli import run_cli
+from conftest import QUICK, ROOT, compose_config
+
+from lightning_ft.errors import UserError
+from lightning_ft.train import DATA_READY, _launch_id, train, wait_for_rank_zero_data
+
+
+def _odd_sized_copy(task: str, folder):
+    """The task's embedded sample with 151 validation rows: 2 ranks get 76 and 75, and DistributedSampler pads the
+    second with a repeat of row 0, which a corpus metric must not count twice."""
+    folder.mkdir()
+    if task == "ner":
+        for split in ("train", "validation"):
+            sentences = (ROOT / "data" / "wnut17" / f"{split}.conll").read_text().strip().split("\n\n")
+            kept = sentences[:151] if split == "validation" else sentences[:400]
+            (folder / f"{split}.conll").write_text("\n\n".join(kept) + "\n")
+    else:
+        shutil.copy(ROOT / "data" / "sst2" / "train.tsv", folder / "train.tsv")
+        lines = (ROOT / "data" / "sst2" / "validation.tsv").read_text().splitlines()
+        (folder / "validation.tsv").write_text("\n".join(lines[:152]) + "\n")  # header + 151 rows
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["text_classification", "ner"])
+def test_two_ranks_train_into_one_run_dir_and_evaluate_like_one_process(task, tmp_path, monkeypatch):
+    data = _odd_sized_copy(task, tmp_path / "data")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))  # rank 0 tokenizes afresh
+    common = [f"task={task}", f"dataset.data_dir={data}", *QUICK, "trainer.limit_val_batches=1.0", "test=false",
+              "trainer.precision=32-true"]
+    result = run_cli([*common, "trainer=ddp_sim", "run_dir=ddp"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "ddp"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "data", "ddp"]  # no directory per rank
+    ranks = json.loads((run_dir / "metrics.json").read_text())
+    assert ranks["data"]["examples_tokenized"] > 0  # rank 0 tokenized...
+    assert "rank 1: tokenized 0 rows" in (run_dir / "train_ddp_process_1.log").read_text()  # ...rank 1 read its cache
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "hf_model" / "config.json").is_file()
+    assert len(ranks["validation"]) > 2
+
+    # The same weights evaluated by one process, over the same 151 rows.
+    one = tmp_path / "one"
+    train(compose_config([*common, "train=false", f"ckpt_path={ranks['best_model_path']}", "export=false"], one))
+    single = json.loads((one / "metrics.json").read_text())["validation"]
+    assert single.keys() == ranks["validation"].keys()
+    for name, value in single.items():
+        assert ranks["validation"][name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
+
+
+def test_a_rank_started_beside_rank_zero_waits_for_this_launch_s_data(tmp_path, monkeypatch):
+    """srun starts every rank at once: ranks > 0 wait for rank 0's mark of this launch, not a previous job's."""
+    for key, value in {"SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0", "SLURM_RESTART_COUNT": "1"}.items():
+        monkeypatch.setenv(key, value)
+    (tmp_path / DATA_READY).write_text("7;0;0;")  # left by the job's first run, before its requeue
+    threading.Timer(0.6, lambda: (tmp_path / DATA_READY).write_text(_launch_id())).start()
+    started = time.monotonic()
+    wait_for_rank_zero_data(tmp_path, timeout_s=30)
+    assert time.monotonic() - started >= 0.5
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")  # rank 0 of this launch never gets there
+    with pytest.raises(UserError, match="waited 1 s for rank 0 to prepare the data"):
+        wait_for_rank_zero_data(tmp_path, timeout_s=1)
