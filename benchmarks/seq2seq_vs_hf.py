@@ -64,14 +64,14 @@ def real_tokens(batch) -> tuple[int, int]:
     return real, batch["input_ids"].numel() + labels.numel()
 
 
-def lightning_ft_translation(tokenizer_dir: Path, data_dir: Path, epochs: int) -> dict:
+def lightning_ft_translation(tokenizer_dir: Path, data_dir: Path, epochs: int, extra: list[str]) -> dict:
     import pytorch_lightning as pl
 
     overrides = ["experiment=t5_multi30k", f"dataset.data_dir={data_dir}", f"backbone.tokenizer={tokenizer_dir}",
                  "~backbone.train_tokenizer", f"dataset.batch_size={BATCH}", f"optim.lr={LR}",
                  f"optim.weight_decay={DECAY}", f"scheduler.warmup_ratio={WARMUP}",
                  f"dataset.max_source_length={MAX_LEN}", f"dataset.max_target_length={MAX_LEN}",
-                 f"task.num_beams={BEAMS}", f"task.max_new_tokens={MAX_NEW}"]
+                 f"task.num_beams={BEAMS}", f"task.max_new_tokens={MAX_NEW}", *extra]
     module, datamodule = lightning_ft_module(overrides, seed=42)
     counts = {"real": 0, "all": 0}
 
@@ -179,6 +179,8 @@ def main() -> None:
     parser.add_argument("--train-pairs", type=int, default=None, help="use the first N training pairs (smoke runs)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    parser.add_argument("--lightning-ft-override", action="append", default=[], metavar="KEY=VALUE",
+                        help="an extra override for the lightning_ft side, e.g. dataset.group_by_length=false")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from lightning_ft.tokenizer_training import train_tokenizer
@@ -199,7 +201,8 @@ def main() -> None:
     runs = {}
     for side, run in (("hf_trainer", lambda: hf_seq2seq_trainer(folder / "tokenizer", args.epochs, folder / "hf",
                                                                   args.train_pairs)),
-                      ("lightning_ft", lambda: lightning_ft_translation(folder / "tokenizer", data_dir, args.epochs))):
+                      ("lightning_ft", lambda: lightning_ft_translation(folder / "tokenizer", data_dir, args.epochs,
+                                                                        args.lightning_ft_override))):
         runs[side] = run()
         (folder / f"{side}.json").write_text(json.dumps(runs[side], indent=1, ensure_ascii=False))
         print(side, json.dumps(runs[side], ensure_ascii=False), flush=True)

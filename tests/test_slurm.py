@@ -87,9 +87,10 @@ def _check_finished_from_checkpoint(run_dir: Path) -> None:
     assert len(logged) == len(set(logged))  # nothing logged twice by the two runs
 
 
-def test_a_submitit_sweep_job_and_an_sbatch_job_are_requeued_and_finish_from_their_checkpoints(
+def test_jobs_signalled_through_slurm_requeue_and_finish_from_their_checkpoints_and_ranks_come_from_slurm(
         slurm_cluster, job_env, tmp_path, monkeypatch):
-    """Both at once (the cluster declares 4 CPUs), so that their waits for SLURM's requeue overlap."""
+    """Both at once (the cluster declares 4 CPUs), so that their waits for SLURM's requeue overlap; and a 2-task job
+    whose ranks SLURM starts together."""
     # The README's sweep, reduced to one run (a second would only queue behind it on 2 cores).
     readme = readme_command("python -m lightning_ft.train -m hydra/launcher=slurm")
     args = [a if not a.startswith("optim.lr=") else "optim.lr=" + a.split("=")[1].split(",")[0] for a in readme[3:]]
@@ -99,6 +100,14 @@ def test_a_submitit_sweep_job_and_an_sbatch_job_are_requeued_and_finish_from_the
                *_wait_at_step_4(sweep_marker)]
     # The README's sbatch job.
     readme = readme_command("sbatch scripts/slurm/train.sbatch")
+    # Beside them, the template with 2 tasks: srun starts both ranks at once, Lightning reads them from SLURM.
+    ranks_run = tmp_path / "two_tasks"
+    monkeypatch.setenv("RUN_DIR", str(ranks_run))
+    ranks_job = subprocess.run(
+        ["sbatch", "--parsable", f"--chdir={tmp_path}", f"--output={tmp_path}/slurm-%j.out", "--ntasks-per-node=2",
+         "--cpus-per-task=1", "--mem-per-cpu=2G", str(ROOT / readme[1]), *readme[2:], *QUICK, "test=false",
+         "trainer=ddp_sim", f"+dataset.cache_dir={tmp_path / 'two_tasks_cache'}"],
+        capture_output=True, text=True, check=True).stdout.strip()
     batch_marker, batch_run = tmp_path / "batch_at_step_4", tmp_path / "batch_run"
     monkeypatch.setenv("RUN_DIR", str(batch_run))
     with sweep_log.open("w") as out:
@@ -118,7 +127,8 @@ def test_a_submitit_sweep_job_and_an_sbatch_job_are_requeued_and_finish_from_the
         finally:
             sweep.kill()
     deadline = time.monotonic() + 300
-    while subprocess.run(["squeue", "-h", "-j", batch_job], capture_output=True, text=True).stdout.strip():
+    while subprocess.run(["squeue", "-h", "-j", f"{batch_job},{ranks_job}"], capture_output=True,
+                         text=True).stdout.strip():
         assert time.monotonic() < deadline, batch_log.read_text()[-3000:]
         time.sleep(0.5)
 
@@ -129,3 +139,10 @@ def test_a_submitit_sweep_job_and_an_sbatch_job_are_requeued_and_finish_from_the
     text = batch_log.read_text()
     assert f"requeued SLURM job {batch_job}" in text and "restart 1" in text, text[-3000:]
     _check_finished_from_checkpoint(batch_run)
+
+    ranks_log = (tmp_path / f"slurm-{ranks_job}.out").read_text()
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in ranks_log and "GLOBAL_RANK: 1, MEMBER: 2/2" in ranks_log, ranks_log[-3000:]
+    metrics = json.loads((ranks_run / "metrics.json").read_text())
+    assert metrics["environment"]["slurm"]["ntasks"] == "2" and metrics["validation"]
+    assert metrics["data"]["examples_tokenized"] > 0  # rank 0 tokenized; rank 1 waited for its cache:
+    assert "rank 1: tokenized 0 rows" in ranks_log
