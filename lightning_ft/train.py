@@ -319,8 +319,9 @@ def train(cfg: DictConfig, command: list[str] | None = None) -> float | None:
         results["best_score"] = float(best_score) if best_score is not None else None
         best = [v for v in record.validation if best_score is not None and cfg.monitor in v
                 and math.isclose(v[cfg.monitor], results["best_score"], rel_tol=1e-6)]
-        results["best_epoch"] = best[-1]["epoch"] if best else None
-        results["best_step"] = best[-1]["step"] if best else None
+        # the first validation that reached it: a later equal score does not replace ModelCheckpoint's best
+        results["best_epoch"] = best[0]["epoch"] if best else None
+        results["best_step"] = best[0]["step"] if best else None
     # Every reported number describes the same weights: the ones that are tested and exported.
     validated = trainer.validate(module, datamodule=datamodule)  # [] when trainer.limit_val_batches=0
     results["validation"] = {k: float(v) for k, v in (validated or [{}])[0].items()}
