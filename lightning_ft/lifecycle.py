@@ -66,8 +66,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def find_resume_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
     """The newest readable checkpoint with training state in ``run_dir`` (``checkpoints/*.ckpt``, and the
-    ``hpc_ckpt_*.ckpt`` Lightning writes on a SLURM requeue), and its contents. Unreadable ones are skipped, with a
-    warning."""
+    ``hpc_ckpt_*.ckpt`` of Lightning's own SLURM auto-requeue, which train.py turns off but another setup may have
+    used), and its contents. Unreadable ones are skipped, with a warning."""
     candidates = [*run_dir.glob("checkpoints/*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
     for path in sorted(candidates, key=lambda p: p.stat().st_mtime_ns, reverse=True):
         try:

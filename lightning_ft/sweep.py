@@ -151,13 +151,11 @@ def write_summary(sweep_dir: Path, mode: str | None = None) -> Path | None:
     lines = [f"# Sweep summary: {sweep_dir}", "", f"{len(runs)} runs; metric: {monitor} ({mode})", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     swept = range(1, 1 + len(keys))  # columns of swept values (a learning rate needs significant digits)
-    lines += ["| " + " | ".join("" if cell is None else f"{cell:.4g}" if isinstance(cell, float) and i in swept
-                                else f"{cell:.4f}" if isinstance(cell, float) else str(cell)
-                                for i, cell in enumerate(row)) + " |" for row in table]
+    lines += ["| " + " | ".join(_cell(cell, "g" if i in swept else "f") for i, cell in enumerate(row)) + " |"
+              for row in table]
     best = _best(runs, mode)
     if best:
-        settings = ", ".join(f"{k}={best['overrides'].get(k):.4g}" if isinstance(best["overrides"].get(k), float)
-                             else f"{k}={best['overrides'].get(k)}" for k in keys)
+        settings = ", ".join(f"{k}={_cell(best['overrides'].get(k), 'g')}" for k in keys)
         lines += ["", f"Best: job {best['job']} ({settings}): {monitor} {best['best']:.4f} at epoch {best['epoch']}, "
                       f"{best['run_dir']}"]
     plot = _plot(runs, keys, monitor, sweep_dir / "summary.png")
@@ -166,6 +164,13 @@ def write_summary(sweep_dir: Path, mode: str | None = None) -> Path | None:
     path = sweep_dir / "summary.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _cell(value: Any, style: str) -> str:
+    """A value in the summary: floats to 4 significant digits ("g", swept values) or 4 decimals ("f", metrics)."""
+    if value is None:
+        return ""
+    return f"{value:.4{style}}" if isinstance(value, float) else str(value)
 
 
 def _mode_of(sweep_dir: Path) -> str:

@@ -31,6 +31,7 @@ _COMPRESSION = {".gz", ".bz2", ".xz", ".zst"}
 # Bump when what `encode` writes changes in a way the fingerprint cannot see, so stale caches are not reused.
 CACHE_VERSION = 1
 
+
 def _builder_for(path: Path) -> str:
     suffixes = [s for s in path.suffixes if s not in _COMPRESSION]
     ext = suffixes[-1].lower() if suffixes else ""
@@ -39,6 +40,7 @@ def _builder_for(path: Path) -> str:
             f"dataset file '{path}' has an unknown extension '{ext}': use one of {', '.join(sorted(_BUILDERS))}."
         )
     return _BUILDERS[ext]
+
 
 def iter_jsonl(source: Path):
     """``(line number, value)`` for every non-blank line of a JSON-lines file; a line that is not JSON is an error
@@ -52,6 +54,7 @@ def iter_jsonl(source: Path):
             except json.JSONDecodeError as err:
                 raise UserError(f"{source}:{number} is not JSON ({err.msg}): write one object a line.") from err
 
+
 def _fingerprint(data: Any) -> str:
     """The raw split's identity for the tokenized-data cache key."""
     if data.cache_files:
@@ -64,6 +67,7 @@ def _fingerprint(data: Any) -> str:
     with pa.ipc.new_stream(sink, data.data.schema) as writer:
         writer.write_table(data.data.table)
     return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()
+
 
 def tokenizer_signature(tokenizer: Any) -> str:
     """A stable identity of a tokenizer's vocabulary and rules, for the tokenized-data cache key."""
