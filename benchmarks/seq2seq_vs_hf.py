@@ -3,9 +3,9 @@
 Multi30k German->English (../shared/data/multi30k: 29,000 train pairs, test_2016_flickr 1,000). One Unigram tokenizer
 of 8,000 tokens is trained on the training text (source and target) by ``lightning_ft.tokenizer_training`` and both
 sides use it. Both build the same small T5 from a config (``conf/backbone/t5_small_scratch.yaml``: 3+3 layers, 256
-wide) with seed 42, and train it with the same data, batch (64), steps (``--epochs`` epochs), AdamW (lr 1e-3, weight
-decay 0.01, none on biases and norms), linear schedule with 5% warmup, clipping at 1.0, max lengths 128, bf16 autocast,
-and no evaluation inside the timed training.
+wide) with the same seed (``--seed``, default 42), and train it with the same data, batch (64), steps (``--epochs``
+epochs), AdamW (lr 1e-3, weight decay 0.01, none on biases and norms), linear schedule with 5% warmup, clipping at
+1.0, max lengths 128, bf16 autocast, and no evaluation inside the timed training.
 
 - HF side: the ``run_translation.py`` recipe written out: its ``preprocess_function``, ``DataCollatorForSeq2Seq``
   (dynamic padding, labels padded with -100), ``Seq2SeqTrainer`` with ``predict_with_generate``; the run_translation
@@ -65,7 +65,8 @@ def real_tokens(batch) -> tuple[int, int]:
     return real, batch["input_ids"].numel() + labels.numel()
 
 
-def lightning_ft_translation(tokenizer_dir: Path, data_dir: Path, epochs: int, extra: list[str]) -> dict:
+def lightning_ft_translation(tokenizer_dir: Path, data_dir: Path, epochs: int, extra: list[str],
+                             seed: int) -> dict:
     import pytorch_lightning as pl
 
     overrides = ["experiment=t5_multi30k", f"dataset.data_dir={data_dir}", f"backbone.tokenizer={tokenizer_dir}",
@@ -73,7 +74,7 @@ def lightning_ft_translation(tokenizer_dir: Path, data_dir: Path, epochs: int, e
                  f"optim.weight_decay={DECAY}", f"scheduler.warmup_ratio={WARMUP}",
                  f"dataset.max_source_length={MAX_LEN}", f"dataset.max_target_length={MAX_LEN}",
                  f"task.num_beams={BEAMS}", f"task.max_new_tokens={MAX_NEW}", *extra]
-    module, datamodule = lightning_ft_module(overrides, seed=42)
+    module, datamodule = lightning_ft_module(overrides, seed=seed)
     counts = {"real": 0, "all": 0}
 
     class Tokens(pl.Callback):
@@ -105,7 +106,8 @@ def lightning_ft_translation(tokenizer_dir: Path, data_dir: Path, epochs: int, e
     return result
 
 
-def hf_seq2seq_trainer(tokenizer_dir: Path, epochs: int, out: Path, train_pairs: int | None) -> dict:
+def hf_seq2seq_trainer(tokenizer_dir: Path, epochs: int, out: Path, train_pairs: int | None,
+                       seed: int) -> dict:
     import datasets
     import numpy as np
     from transformers import (
@@ -119,7 +121,7 @@ def hf_seq2seq_trainer(tokenizer_dir: Path, epochs: int, out: Path, train_pairs:
     )
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    set_seed(42)
+    set_seed(seed)
     config = AutoConfig.for_model("t5", **t5_overrides())
     # What a user writes for a fresh model and its own tokenizer (lightning_ft.backbones.match_tokenizer does this).
     config.vocab_size = len(tokenizer)
@@ -157,7 +159,7 @@ def hf_seq2seq_trainer(tokenizer_dir: Path, epochs: int, out: Path, train_pairs:
         output_dir=str(out), per_device_train_batch_size=BATCH, per_device_eval_batch_size=2 * BATCH,
         learning_rate=LR, weight_decay=DECAY, max_grad_norm=1.0, num_train_epochs=epochs, lr_scheduler_type="linear",
         warmup_steps=WARMUP, logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[],
-        use_cpu=True, seed=42, dataloader_num_workers=0, disable_tqdm=True, bf16=True, predict_with_generate=True,
+        use_cpu=True, seed=seed, dataloader_num_workers=0, disable_tqdm=True, bf16=True, predict_with_generate=True,
     )
     trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=train, data_collator=collate,
                              processing_class=tokenizer, callbacks=[timer])
@@ -179,6 +181,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5, help="5 take the HF side about 32 minutes here")
     parser.add_argument("--train-pairs", type=int, default=None, help="use the first N training pairs (smoke runs)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=42, help="both sides' seed: model init, data order, dropout")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     parser.add_argument("--lightning-ft-override", action="append", default=[], metavar="KEY=VALUE",
                         help="an extra override for the lightning_ft side, e.g. dataset.group_by_length=false")
@@ -209,9 +212,9 @@ def main() -> None:
         tokenizer.save_pretrained(folder / "tokenizer")
 
     for side, run in (("hf_trainer", lambda: hf_seq2seq_trainer(folder / "tokenizer", args.epochs, folder / "hf",
-                                                                  args.train_pairs)),
+                                                                  args.train_pairs, args.seed)),
                       ("lightning_ft", lambda: lightning_ft_translation(folder / "tokenizer", data_dir, args.epochs,
-                                                                        args.lightning_ft_override))):
+                                                                        args.lightning_ft_override, args.seed))):
         if side in runs:
             continue
         runs[side] = run()
@@ -252,7 +255,7 @@ def main() -> None:
         f"({datetime.date.today()})\n",
         f"Command: `{command.strip()}`  ",
         f"Machine: {environment()}  ",
-        f"{Path(__file__).name} docstring: what each side does. HF ran first, then lightning_ft, one seed.",
+        f"{Path(__file__).name} docstring: what each side does. HF ran first, then lightning_ft, seed {args.seed}.",
         *lines,
         "",
     ])
