@@ -43,6 +43,7 @@ from common import ROOT, append_report, environment, hf_timer, lightning_ft_modu
 MULTI30K = ROOT.parent / "shared" / "data" / "multi30k"
 SPLITS = {"train": "train", "validation": "val", "test": "test_2016_flickr"}
 BATCH, LR, DECAY, WARMUP, MAX_LEN, BEAMS, MAX_NEW, VOCAB = 64, 1e-3, 0.01, 0.05, 128, 4, 48, 8000
+PRECISIONS = ("bf16-mixed", "32-true")  # what each side's result holds generation figures under
 
 
 def read_split(name: str, limit: int | None = None) -> tuple[list[str], list[str]]:
@@ -203,6 +204,8 @@ def main() -> None:
     runs = {}
     if reused:  # its data, tokenizer and HF result (Unigram training is not deterministic: a new one would differ)
         runs["hf_trainer"] = json.loads((folder / "hf_trainer.json").read_text())
+        if "fp32" in runs["hf_trainer"]:  # older runs saved their generation as "fp32"; it ran under bf16 autocast
+            runs["hf_trainer"]["bf16-mixed"] = runs["hf_trainer"].pop("fp32")
     else:
         # The data both sides read: Multi30k as parallel files (cut to --train-pairs for smoke runs).
         data_dir.mkdir()
@@ -227,8 +230,7 @@ def main() -> None:
 
     hf, ours = runs["hf_trainer"], runs["lightning_ft"]
     base_rate, base_tokens = hf["samples"] / hf["seconds"], hf["real_tokens"] / hf["seconds"]
-    # "fp32": the HF result of a run from before the script recorded the precision the HF side generated in.
-    hf_generation = next(hf[p] for p in ("bf16-mixed", "32-true", "fp32") if p in hf)
+    hf_generation = next(hf[p] for p in PRECISIONS if p in hf)
     base_generation = hf_generation["sentences"] / hf_generation["generate_seconds"]
     lines = [
         f"\nMulti30k de->en, {ours['samples'] // args.epochs:,} training pairs, {args.epochs} epochs "
@@ -240,7 +242,7 @@ def main() -> None:
     ]
     for side, r in runs.items():
         rate, tokens = r["samples"] / r["seconds"], r["real_tokens"] / r["seconds"]
-        generations = [(p, r[p]) for p in ("bf16-mixed", "32-true", "fp32") if p in r]
+        generations = [(p, r[p]) for p in PRECISIONS if p in r]
         for i, (precision, g) in enumerate(generations):
             speed = g["sentences"] / g["generate_seconds"]
             padding = 1 - r["real_tokens"] / r["tokens"]
