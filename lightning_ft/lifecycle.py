@@ -85,11 +85,11 @@ def find_resume_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
 def check_checkpoint_fits(checkpoint: dict[str, Any], path: str | Path, module: pl.LightningModule) -> None:
     """Refuse, in one sentence, a checkpoint written for another task, backbone or head size."""
     written = checkpoint.get("lightning_ft") or {}
-    task = f"{type(module).__module__}.{type(module).__qualname__}"
-    if written.get("task") and written["task"] != task:
+    # By class name: a checkpoint written before the task packages records lightning_ft.tasks.ner.<Class>.
+    task = type(module).__qualname__
+    if written.get("task") and written["task"].rsplit(".", 1)[-1] != task:
         raise UserError(f"checkpoint '{path}' was written by {written['task'].rsplit('.', 1)[-1]} but this run is "
-                        f"{task.rsplit('.', 1)[-1]}: give a checkpoint of this task, or set task= to the "
-                        "checkpoint's task.")
+                        f"{task}: give a checkpoint of this task, or set task= to the checkpoint's task.")
     ours = (module.hparams.get("backbone") or {}).get("name")
     theirs = (written.get("backbone") or {}).get("name")
     if ours and theirs and ours != theirs:

@@ -13,86 +13,35 @@ failure never leaves a partial file or touches an existing one.
 
 Options, as ``key=value`` or ``--key value``: ``batch_size`` (32), ``task`` (the task the model must be: refuses a
 model of another), ``device`` (auto: a GPU when there is one), ``input_format``/``output_format`` (by suffix), and each
-task's own, the keyword arguments of its ``predict_rows`` function (in ``lightning_ft/tasks/<task>.py``): the column
-options (``column``, ``pair_column``, ``question_column``...) and settings such as ``max_new_tokens``. A column
-option left unset takes the first of its usual names the input has (the task module's ``PREDICT_COLUMNS``).
+task's own, the fields of the options dataclass its ``Prediction`` declares (in ``lightning_ft/tasks/<task>/
+predict.py``): the column options (``column``, ``pair_column``, ``question_column``...) and settings such as
+``max_new_tokens``. A column option left unset takes the first of its usual names that the input has.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import difflib
-import importlib
-import inspect
 import json
 import logging
 import os
 import sys
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lightning_ft import tasks
 from lightning_ft.errors import UserError
+from lightning_ft.tasks.spec import Prediction, TaskSpec
 
 log = logging.getLogger("lightning_ft")
 
 
-@dataclass(frozen=True)
-class Kind:
-    """What predicting a kind of model takes: its task module's function (and optional column defaults, row check
-    and report), the transformers class that loads an exported directory, and the words its messages use."""
-
-    title: str  # "text classification (task=text_classification)"
-    module: str
-    auto_class: str | None  # None: a sentence-embedding directory, loaded by SentenceEncoder
-    noun: str  # "texts", in "has no texts to classify" and "classified 3 texts"
-    verb: str
-    past: str
-    function: str = "predict_rows"
-    columns: str = "PREDICT_COLUMNS"
-    check: str | None = None  # check_rows(rows, source, tokenizer, **settings), before the model loads
-    report: str | None = None  # predict_report(stats, settings, option) -> (summary suffix, warnings)
-
-    def attribute(self, name: str | None) -> Any:
-        return getattr(importlib.import_module(self.module), name, None) if name else None
-
-
-TASKS = "lightning_ft.tasks."
-KINDS = {
-    "text_classification": Kind("text classification (task=text_classification)", TASKS + "text_classification",
-                                "AutoModelForSequenceClassification", "texts", "classify", "classified"),
-    "token_classification": Kind("token classification (task=ner)", TASKS + "ner", "AutoModelForTokenClassification",
-                                 "sentences", "tag", "tagged", check="check_rows", report="predict_report"),
-    "question_answering": Kind("extractive question answering (task=qa)", TASKS + "qa",
-                               "AutoModelForQuestionAnswering", "questions", "answer", "answered"),
-    "multiple_choice": Kind("multiple choice (task=multiple_choice)", TASKS + "multiple_choice",
-                            "AutoModelForMultipleChoice", "questions", "answer", "answered", check="check_rows"),
-    "seq2seq": Kind("sequence-to-sequence generation (task=translation or task=summarization)", TASKS + "seq2seq",
-                    "AutoModelForSeq2SeqLM", "texts", "generate from", "generated text for"),
-    "causal_lm": Kind("causal language modelling (task=clm)", TASKS + "language_modeling", "AutoModelForCausalLM",
-                      "prompts", "continue", "continued", function="predict_continuations",
-                      columns="CLM_PREDICT_COLUMNS"),
-    "masked_lm": Kind("masked language modelling (task=mlm)", TASKS + "language_modeling", "AutoModelForMaskedLM",
-                      "texts", "fill", "filled", function="predict_masks", columns="MLM_PREDICT_COLUMNS",
-                      check="check_masked_rows"),
-    "embedding": Kind("sentence embedding (task=similarity)", TASKS + "similarity", None, "texts", "embed",
-                      "embedded"),
-}
-# task= names (the training task names, and the kinds' own) -> kind
-TASK_NAMES = {"text_classification": "text_classification", "ner": "token_classification", "qa": "question_answering",
-              "multiple_choice": "multiple_choice", "translation": "seq2seq", "summarization": "seq2seq",
-              "clm": "causal_lm", "mlm": "masked_lm", "similarity": "embedding", **{k: k for k in KINDS}}
-# The TaskModule class a checkpoint names -> kind (LanguageModelingTask: by its objective)
-MODULE_KINDS = {"TextClassificationTask": "text_classification", "TokenClassificationTask": "token_classification",
-                "QuestionAnsweringTask": "question_answering", "MultipleChoiceTask": "multiple_choice",
-                "Seq2SeqTask": "seq2seq", "TranslationTask": "seq2seq", "SummarizationTask": "seq2seq",
-                "SimilarityTask": "embedding"}
 GLOBAL_OPTIONS = {"model_dir": None, "ckpt_path": None, "input": None, "output": None, "batch_size": 32,
                   "task": None, "device": "auto", "input_format": "auto", "output_format": "auto"}
 INPUT_FORMATS = {".txt": "text", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
 OUTPUT_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv", ".npy": "npy"}
-_RESERVED = {"model", "tokenizer", "rows", "stats"}  # predict_rows parameters that are not options
 
 
 # ---- the command line ----------------------------------------------------------------------------------------------
@@ -144,16 +93,10 @@ def _given(name: str, value: str, flags: bool) -> str:
     return f"{_option(name, flags)} {value}" if flags else f"{name}={value}"
 
 
-def _task_parameters(kind: Kind) -> dict[str, inspect.Parameter]:
-    function = kind.attribute(kind.function)
-    return {name: p for name, p in inspect.signature(function).parameters.items()
-            if p.kind == p.KEYWORD_ONLY and name not in _RESERVED}
-
-
 def _all_option_names() -> list[str]:
     names = list(GLOBAL_OPTIONS)
-    for kind in KINDS.values():
-        names += [n for n in _task_parameters(kind) if n not in names]
+    for prediction in tasks.predictions():
+        names += [n for n in prediction.option_fields() if n not in names]
     return names
 
 
@@ -191,19 +134,24 @@ def _coerce(name: str, raw: str, default: Any, annotation: Any, flags: bool) -> 
     return raw
 
 
-def task_settings(kind: Kind, options: dict[str, str], flags: bool) -> dict[str, Any]:
-    """The options of ``kind``'s prediction function that the user gave, typed; an option of another task is an
-    error naming this task's options."""
-    parameters = _task_parameters(kind)
+def task_settings(prediction: Prediction, options: dict[str, str], flags: bool) -> dict[str, Any]:
+    """The task's own options that the user gave, typed by the fields of its options dataclass; an option of another
+    task is an error naming this task's options."""
+    fields = prediction.option_fields()
     settings = {}
     for key, raw in options.items():
         if key in GLOBAL_OPTIONS:
             continue
-        if key not in parameters:
-            raise UserError(f"{_option(key, flags)} is not an option of a {kind.title} model: its options are "
-                            f"{', '.join(_option(k, flags) for k in [*GLOBAL_OPTIONS, *parameters])}.")
-        settings[key] = _coerce(key, raw, parameters[key].default, parameters[key].annotation, flags)
+        if key not in fields:
+            raise UserError(f"{_option(key, flags)} is not an option of a {prediction.title} model: its options are "
+                            f"{', '.join(_option(k, flags) for k in [*GLOBAL_OPTIONS, *fields])}.")
+        settings[key] = _coerce(key, raw, fields[key].default, fields[key].type, flags)
     return settings
+
+
+def complete_options(prediction: Prediction, settings: dict[str, Any]) -> dict[str, Any]:
+    """Every option of the task: the given ones over the declared defaults (checked against the dataclass)."""
+    return dataclasses.asdict(prediction.options(**settings))
 
 
 # ---- paths -------------------------------------------------------------------------------------------------------
@@ -246,14 +194,16 @@ def _temporary(target: Path) -> Path:
     return target.with_name(target.name + ".tmp")
 
 
-def formats(kind_name: str, source: Path, target: Path, input_format: str, output_format: str) -> tuple[str, str]:
-    """Input and output formats: given, or by suffix. Token classification reads and writes CoNLL columns for any
-    suffix the tables do not name (``.conll``, ``.iob``, ``.tsv``...)."""
-    tagging = kind_name == "token_classification"
+def formats(prediction: Prediction, source: Path, target: Path, input_format: str, output_format: str
+            ) -> tuple[str, str]:
+    """Input and output formats: given, or by suffix. A task with a format of its own for unknown suffixes (token
+    classification: CoNLL columns) reads and writes it for any suffix the tables do not name (``.conll``,
+    ``.iob``, ``.tsv``...)."""
+    own = prediction.any_suffix
     if input_format == "auto":
         suffix = source.suffix.lower()
-        if tagging:
-            input_format = INPUT_FORMATS.get(suffix, "conll") if suffix != ".tsv" else "conll"
+        if own:
+            input_format = INPUT_FORMATS.get(suffix, own) if suffix != ".tsv" else own
         elif suffix in INPUT_FORMATS:
             input_format = INPUT_FORMATS[suffix]
         else:
@@ -261,16 +211,15 @@ def formats(kind_name: str, source: Path, target: Path, input_format: str, outpu
                             "(or give input_format=).")
     if output_format == "auto":
         suffix = target.suffix.lower()
-        if tagging:
-            output_format = OUTPUT_FORMATS.get(suffix, "conll") if suffix not in (".tsv", ".npy") else "conll"
+        if own:
+            output_format = OUTPUT_FORMATS.get(suffix, own) if suffix not in (".tsv", ".npy") else own
         elif suffix in OUTPUT_FORMATS:
             output_format = OUTPUT_FORMATS[suffix]
         else:
             raise UserError(f"output '{target}' has an unknown extension '{suffix}': use .jsonl or .csv"
-                            f"{' (or .npy)' if kind_name == 'embedding' else ''}.")
-    known_in = {"text", "jsonl", "csv", "tsv"} | ({"conll"} if tagging else set())
-    known_out = {"jsonl", "csv", "tsv"} | ({"conll"} if tagging else set()) | ({"npy"} if kind_name == "embedding"
-                                                                               else set())
+                            f"{' (or .npy)' if prediction.matrix_field else ''}.")
+    known_in = {"text", "jsonl", "csv", "tsv"} | set(prediction.readers)
+    known_out = {"jsonl", "csv", "tsv"} | set(prediction.writers) | ({"npy"} if prediction.matrix_field else set())
     if input_format not in known_in:
         raise UserError(f"input_format '{input_format}' is not one of {', '.join(sorted(known_in))} for this model.")
     if output_format not in known_out:
@@ -280,7 +229,7 @@ def formats(kind_name: str, source: Path, target: Path, input_format: str, outpu
 
 
 # ---- reading -------------------------------------------------------------------------------------------------------
-def read_rows(source: Path, input_format: str, kind: Kind) -> list[dict[str, Any]]:
+def read_rows(source: Path, input_format: str, prediction: Prediction) -> list[dict[str, Any]]:
     """Every row of the input as a dict: ``text`` for a line of a ``.txt`` file (blank lines skipped)."""
     from lightning_ft.data.base import iter_jsonl
 
@@ -306,11 +255,9 @@ def read_rows(source: Path, input_format: str, kind: Kind) -> list[dict[str, Any
             rows = list(csv.DictReader(handle, delimiter="\t" if tab else ",",
                                        quoting=csv.QUOTE_NONE if tab else csv.QUOTE_MINIMAL))
     else:
-        from lightning_ft.tasks.ner import read_conll_rows
-
-        rows = read_conll_rows(source)
+        rows = prediction.readers[input_format](source)
     if not rows:
-        raise UserError(f"{source} has no {kind.noun} to {kind.verb}.")
+        raise UserError(f"{source} has no {prediction.noun} to {prediction.verb}.")
     return rows
 
 
@@ -322,14 +269,14 @@ def _first_character(source: Path) -> str:
     return ""
 
 
-def resolve_columns(kind: Kind, rows: list[dict], settings: dict[str, Any], source: Path, flags: bool) -> None:
+def resolve_columns(prediction: Prediction, rows: list[dict], settings: dict[str, Any], source: Path, flags: bool
+                    ) -> None:
     """Fill in the column options the user left unset (the first of the task's usual names that the input has) and
     check that every row has a value in each column used, before any model loads. A trailing None among a column's
     usual names makes it optional."""
     present = list(dict.fromkeys(key for row in rows for key in row))
-    defaults = kind.attribute(kind.columns) or {}
-    for name, parameter in _task_parameters(kind).items():
-        if not name.endswith(("column", "columns")):
+    for name, declared in prediction.option_fields().items():
+        if "usual" not in declared.metadata:  # not a column option
             continue
         role = name.removesuffix("s").removesuffix("column").rstrip("_").replace("_", " ") or "text"
         if name in settings:
@@ -339,7 +286,7 @@ def resolve_columns(kind: Kind, rows: list[dict], settings: dict[str, Any], sour
                     raise UserError(f"input '{source}' has no {role} column '{column}' (it has: {', '.join(present)})"
                                     f": name one of those with {_given(name, '<column>', flags)}.")
         else:
-            candidates = defaults.get(name, (parameter.default,))
+            candidates = declared.metadata["usual"]
             found = next((c for c in candidates if c and c.split(".")[0] in present), None)
             if found is None and candidates[-1] is not None:
                 looked = " or ".join(f"'{c}'" for c in candidates)
@@ -349,41 +296,23 @@ def resolve_columns(kind: Kind, rows: list[dict], settings: dict[str, Any], sour
             wanted = [found] if found else []
         for column in wanted:
             for number, row in enumerate(rows, start=1):
-                if _field(row, column) is None:
+                if _value(row, column) is None:
                     raise UserError(f"row {number} of {source} has no value in column '{column}': fill it in or drop "
                                     "the row.")
 
 
-def _field(row: dict, path: str) -> Any:
-    value: Any = row
-    for part in path.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return None
-        value = value[part]
-    return value
+def _value(row: dict, column: str) -> Any:
+    from lightning_ft.data.base import dotted_field
+
+    try:
+        return dotted_field(row, column)
+    except (KeyError, TypeError, IndexError):
+        return None
 
 
 # ---- models --------------------------------------------------------------------------------------------------------
-def kind_of_config(config: Any, path: Path) -> str | None:
-    """The kind of model an exported config describes (None: no head predict knows)."""
-    architectures = config.architectures or []
-    ends = {"ForSequenceClassification": "text_classification", "ForTokenClassification": "token_classification",
-            "ForQuestionAnswering": "question_answering", "ForMultipleChoice": "multiple_choice",
-            "ForMaskedLM": "masked_lm", "ForCausalLM": "causal_lm", "LMHeadModel": "causal_lm"}
-    for architecture in architectures:
-        for end, kind in ends.items():
-            if architecture.endswith(end) and not (end == "LMHeadModel" and getattr(config, "is_encoder_decoder", 0)):
-                return kind
-        if architecture.endswith("ForConditionalGeneration") and getattr(config, "is_encoder_decoder", False):
-            return "seq2seq"
-    if (path / "modules.json").is_file():
-        return "embedding"
-    return None
-
-
-def exported_model(model_dir: str | Path) -> tuple[str, Path]:
-    """What an exported directory (or ``<run dir>/hf_model``, or a sentence-transformers model) holds, and where:
-    one of ``KINDS`` (``token_classification``, ``embedding``...)."""
+def exported_model(model_dir: str | Path) -> tuple[TaskSpec, Path]:
+    """What an exported directory (or ``<run dir>/hf_model``, or a sentence-transformers model) holds, and where."""
     from transformers import AutoConfig
 
     from lightning_ft.backbones import resolve_name
@@ -397,24 +326,19 @@ def exported_model(model_dir: str | Path) -> tuple[str, Path]:
         raise UserError(f"'{model_dir}' is not an exported model (no config.json in it or in its hf_model/): give a "
                         f"run's hf_model directory{hint}.")
     config = AutoConfig.from_pretrained(path)
-    kind = kind_of_config(config, path)
-    if kind is None:
-        handled = "; ".join(k.title for k in KINDS.values())
+    spec = tasks.of_export(config, path)
+    if spec is None or spec.prediction is None:
+        handled = "; ".join(p.title for p in tasks.predictions())
         raise UserError(f"'{path}' holds a {', '.join(config.architectures or []) or 'model of unknown architecture'}"
                         f", which has no task head predict knows: it handles {handled}.")
-    return kind, path
+    return spec, path
 
 
-def load_exported(kind_name: str, path: Path, tokenizer: Any) -> Any:
-    """The model of an exported directory (a ``SentenceEncoder`` for embeddings), in eval mode."""
-    import transformers
-
-    kind = KINDS[kind_name]
-    if kind.auto_class is None:
-        from lightning_ft.tasks.similarity import SentenceEncoder
-
-        return SentenceEncoder.from_directory(path)
-    return getattr(transformers, kind.auto_class).from_pretrained(path).eval()
+def load_exported(spec: TaskSpec, path: Path) -> Any:
+    """The model of an exported directory (what the task's ``rows`` function takes), in eval mode."""
+    if spec.prediction.load_export is not None:
+        return spec.prediction.load_export(path)
+    return spec.auto_class.from_pretrained(path).eval()
 
 
 def read_checkpoint(value: str) -> dict[str, Any]:
@@ -428,16 +352,15 @@ def read_checkpoint(value: str) -> dict[str, Any]:
     return checkpoint
 
 
-def kind_of_checkpoint(checkpoint: dict[str, Any], value: str) -> str:
-    task = checkpoint["lightning_ft"]["task"]
-    name = task.rsplit(".", 1)[-1]
-    if name == "LanguageModelingTask":
-        objective = (checkpoint.get("hyper_parameters") or {}).get("objective", "clm")
-        return "causal_lm" if objective == "clm" else "masked_lm"
-    if name not in MODULE_KINDS:
-        raise UserError(f"ckpt_path '{value}' holds a {name}, a task predict does not know: it handles "
-                        f"{', '.join(MODULE_KINDS)} and LanguageModelingTask.")
-    return MODULE_KINDS[name]
+def spec_of_checkpoint(checkpoint: dict[str, Any], value: str) -> TaskSpec:
+    """The task a checkpoint's module belongs to (by its class name, so checkpoints written before the task
+    packages match too)."""
+    name = checkpoint["lightning_ft"]["task"].rsplit(".", 1)[-1]
+    spec = tasks.of_checkpoint_class(name, checkpoint.get("hyper_parameters") or {})
+    if spec is None or spec.prediction is None:
+        known = ", ".join(dict.fromkeys(s.module.__name__ for s in tasks.specs()))
+        raise UserError(f"ckpt_path '{value}' holds a {name}, a task predict does not know: it handles {known}.")
+    return spec
 
 
 def checkpoint_backbone(checkpoint: dict[str, Any], value: str) -> dict[str, Any]:
@@ -456,33 +379,16 @@ def checkpoint_backbone(checkpoint: dict[str, Any], value: str) -> dict[str, Any
     return backbone
 
 
-def load_checkpoint(checkpoint: dict[str, Any], value: str, tokenizer: Any) -> Any:
+def load_checkpoint(spec: TaskSpec, checkpoint: dict[str, Any], value: str, tokenizer: Any) -> Any:
     """Rebuild the checkpoint's task module from its saved arguments (the backbone included) and load its weights;
-    return what the task's prediction function takes: the model in eval mode (a ``SentenceEncoder`` for
-    embeddings)."""
-    from lightning_ft.tasks.base import TaskModule
-
-    written = checkpoint["lightning_ft"]
-    module_name, _, class_name = written["task"].rpartition(".")
-    try:
-        task_class = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as err:
-        raise UserError(f"ckpt_path '{value}' was written by {written['task']}, which this lightning_ft does not "
-                        "have: predict with the lightning_ft version that trained it.") from err
-    if not (isinstance(task_class, type) and issubclass(task_class, TaskModule)):
-        raise UserError(f"ckpt_path '{value}' names {written['task']}, which is not a lightning_ft task.")
+    return what the task's ``rows`` function takes: the model in eval mode, unless the task says otherwise."""
     backbone = checkpoint_backbone(checkpoint, value)
-    module = task_class(**{**(checkpoint.get("hyper_parameters") or {}), "backbone": backbone})
+    module = spec.module(**{**(checkpoint.get("hyper_parameters") or {}), "backbone": backbone})
     _check_fits(module, checkpoint["state_dict"], value, backbone)
     module.load_state_dict(checkpoint["state_dict"])
-    model = module.model.eval()
-    if hasattr(module, "max_source_length"):  # seq2seq: sources cut where training cut them, as the export does
-        tokenizer.model_max_length = module.max_source_length
-    if class_name == "SimilarityTask":
-        from lightning_ft.tasks.similarity import SentenceEncoder
-
-        return SentenceEncoder(model, tokenizer, module.pooling, module.normalize, module.max_seq_length)
-    return model
+    if spec.prediction.from_module is not None:
+        return spec.prediction.from_module(module, tokenizer)
+    return module.model.eval()
 
 
 def _check_fits(module: Any, found: dict[str, Any], value: str, backbone: dict[str, Any]) -> None:
@@ -505,19 +411,20 @@ def _progress():
                     console=Console(stderr=True))
 
 
-def predict(kind: Kind, model: Any, tokenizer: Any, rows: list[dict], batch_size: int, settings: dict[str, Any],
-            stats: Counter):
-    """``(row, prediction fields)`` for every row, a batch at a time."""
+def predict(prediction: Prediction, model: Any, tokenizer: Any, rows: list[dict], batch_size: int,
+            options: dict[str, Any], stats: Counter):
+    """``(row, prediction fields)`` for every row, a batch at a time. A task that reports counts (its ``report``)
+    gets ``stats`` to count into."""
     import torch
 
-    function = kind.attribute(kind.function)
-    extra = {"stats": stats} if "stats" in inspect.signature(function).parameters else {}
+    function = prediction.rows
+    extra = {"stats": stats} if prediction.report is not None else {}
     progress = _progress()
     with progress, torch.inference_mode():
         bar = progress.add_task("predicting", total=len(rows))
         for start in range(0, len(rows), batch_size):
             batch = rows[start:start + batch_size]
-            yield from zip(batch, function(model, tokenizer, batch, **settings, **extra))
+            yield from zip(batch, function(model, tokenizer, batch, **options, **extra))
             progress.advance(bar, len(batch))
 
 
@@ -531,7 +438,7 @@ def merged(pairs: list[tuple[dict, dict]]) -> tuple[list[dict], list[str]]:
     return rows, clashes
 
 
-def write(results, target: Path, output_format: str, columns: list[str]) -> int:
+def write(results, target: Path, output_format: str, columns: list[str], prediction: Prediction) -> int:
     """Write the rows to ``<target>.tmp`` and rename it to ``target``: all or nothing. Returns the row count."""
     temporary = _temporary(target)
     count = 0
@@ -541,7 +448,7 @@ def write(results, target: Path, output_format: str, columns: list[str]) -> int:
 
             vectors = []
             for row in results:
-                vectors.append(row["embedding"])
+                vectors.append(row[prediction.matrix_field])
                 count += 1
             with temporary.open("wb") as handle:
                 np.save(handle, np.asarray(vectors, dtype=np.float32))
@@ -552,10 +459,8 @@ def write(results, target: Path, output_format: str, columns: list[str]) -> int:
                     count += 1
                     if output_format == "jsonl":
                         handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-                    elif output_format == "conll":
-                        from lightning_ft.tasks.ner import conll_lines
-
-                        handle.write(conll_lines(row))
+                    elif output_format in prediction.writers:
+                        handle.write(prediction.writers[output_format](row))
                     else:
                         if writer is None:  # the input's columns, then the prediction's (of the first row)
                             names = columns + [k for k in row if k not in columns]
@@ -590,54 +495,64 @@ def run(options: dict[str, str], flags: bool) -> None:
         raise UserError(f"{_given('batch_size', repr(options['batch_size']), flags)} is not a positive number."
                         ) from None
     device = _device(options.get("device", GLOBAL_OPTIONS["device"]), flags)
-    expected = options.get("task")
-    if expected is not None and expected not in TASK_NAMES:
-        raise UserError(f"task={expected} is not a task: use one of {', '.join(sorted(TASK_NAMES))}.")
+    expected = tasks.get(options["task"]) if options.get("task") is not None else None
 
     # What the model is, from its config or the checkpoint's record: no weights are loaded yet.
     if options.get("model_dir"):
-        kind_name, where = exported_model(options["model_dir"])
+        spec, where = exported_model(options["model_dir"])
         checkpoint = None
     else:
         where = options["ckpt_path"]
         checkpoint = read_checkpoint(where)
-        kind_name = kind_of_checkpoint(checkpoint, where)
-    kind = KINDS[kind_name]
-    if expected is not None and TASK_NAMES[expected] != kind_name:
-        raise UserError(f"'{where}' holds a {kind.title} model, not task={expected}: give a model of that task, or "
-                        "leave task= out.")
-    settings = task_settings(kind, options, flags)
-    input_format, output_format = formats(kind_name, source, target, options.get("input_format", "auto"),
+        spec = spec_of_checkpoint(checkpoint, where)
+    prediction = spec.prediction
+    if expected is not None and expected.prediction is not prediction:
+        raise UserError(f"'{where}' holds a {prediction.title} model, not task={options['task']}: give a model of "
+                        "that task, or leave task= out.")
+    settings = task_settings(prediction, options, flags)
+    input_format, output_format = formats(prediction, source, target, options.get("input_format", "auto"),
                                           options.get("output_format", "auto"))
-    rows = read_rows(source, input_format, kind)
-    resolve_columns(kind, rows, settings, source, flags)
+    rows = read_rows(source, input_format, prediction)
+    resolve_columns(prediction, rows, settings, source, flags)
+    settings = complete_options(prediction, settings)
 
     from lightning_ft.backbones import load_tokenizer
 
     tokenizer = load_tokenizer(**checkpoint_backbone(checkpoint, where)) if checkpoint is not None else \
         load_tokenizer(str(where))
-    check = kind.attribute(kind.check)
-    if check is not None:  # what the rows need of the tokenizer (a mask token...), still before the model loads
-        check(rows, source, tokenizer, **settings)
+    if prediction.check is not None:  # what the rows need of the tokenizer (a mask token...), still before the model
+        prediction.check(rows, source, tokenizer, **settings)
     if checkpoint is not None:
-        model = load_checkpoint(checkpoint, where, tokenizer)
+        model = load_checkpoint(spec, checkpoint, where, tokenizer)
     else:
-        model = load_exported(kind_name, where, tokenizer)
-    (model.model if kind_name == "embedding" else model).to(device)  # a SentenceEncoder holds its model
+        model = load_exported(spec, where)
+    model.to(device)
 
     stats: Counter = Counter()
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    results, renamed = merged(list(predict(kind, model, tokenizer, rows, batch_size, settings, stats)))
-    count = write(results, target, output_format, columns)
-    report = kind.attribute(kind.report)
+    results, renamed = merged(list(predict(prediction, model, tokenizer, rows, batch_size, settings, stats)))
+    count = write(results, target, output_format, columns, prediction)
+    report = prediction.report
     suffix, warnings = report(stats, settings, lambda name: _option(name, flags)) if report else ("", [])
-    log.info("%s %d %s%s from %s (%s) into %s (%s)", kind.past, count, kind.noun, suffix, source, input_format, target,
-             output_format)
+    log.info("%s %d %s%s from %s (%s) into %s (%s)", prediction.past, count, prediction.noun, suffix, source,
+             input_format, target, output_format)
     if renamed:
         log.info("the input has %s columns of its own: the predictions are in %s.", ", ".join(renamed),
                  ", ".join(f"predicted_{k}" for k in renamed))
     for warning in warnings:
         log.warning(warning)
+
+
+def options_help() -> str:
+    """Each task's own options, with their defaults and help, from the options dataclasses the tasks declare."""
+    lines = []
+    for prediction in tasks.predictions():
+        lines.append(f"{prediction.title}:")
+        for name, declared in prediction.option_fields().items():
+            default = "the first of " + "/".join(str(c) for c in declared.metadata["usual"]) \
+                if "usual" in declared.metadata else repr(declared.default)
+            lines.append(f"  {name:<26} {declared.metadata.get('help', '')} (default: {default})")
+    return "\n".join(lines)
 
 
 def _device(device: str, flags: bool) -> str:
@@ -656,6 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
+        print(options_help())
         return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -48,6 +48,7 @@ def test_non_editable_install_ships_configs_and_samples(tmp_path):
     assert (site / "lightning_ft" / "conf" / "recipe" / "ner.yaml").is_file()
     assert (site / "lightning_ft" / "metrics" / "entity.py").is_file()
     assert (site / "lightning_ft" / "search.py").is_file()
+    assert (site / "lightning_ft" / "tasks" / "ner" / "model.py").is_file()
     assert (site / "lightning_ft" / "conf" / "recipe" / "similarity.yaml").is_file()
     env = {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1"}
     show_paths = "import lightning_ft.paths as p; print(p.config_dir(), p.sample_dir())"
@@ -66,7 +67,8 @@ def test_ner_with_minilm_learns_conll_entities_and_its_export_tags_like_the_modu
 
     from lightning_ft.data.conll import read_conll
     from lightning_ft.metrics.entity import get_entities
-    from lightning_ft.tasks.ner import TokenClassificationTask, split_words
+    from lightning_ft.tasks.ner import TokenClassificationTask
+    from lightning_ft.tasks.ner.predict import split_words
 
     conll = ROOT.parent / "shared" / "data" / "conll2003"
     result = run_cli(["task=ner", "dataset=conll2003", f"dataset.data_dir={conll}", "dataset.label_all_tokens=true",

@@ -13,7 +13,10 @@ from conftest import MINILM, QUICK, TINY, compose_config
 from lightning_ft.backbones import load_tokenizer
 from lightning_ft.data.conll import read_conll
 from lightning_ft.errors import UserError
-from lightning_ft.tasks.ner import IGNORE, TokenClassificationData, order_labels, split_words, tag_sentences
+from lightning_ft.tasks.ner import TokenClassificationData
+from lightning_ft.tasks.ner.data import IGNORE, order_labels
+from lightning_ft.tasks.ner.model import tag_sentences
+from lightning_ft.tasks.ner.predict import split_words
 from lightning_ft.train import train
 
 CONLL = """-DOCSTART- -X- -X- O

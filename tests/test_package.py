@@ -36,3 +36,11 @@ def test_every_embedded_sample_file_is_packaged():
     patterns += [p.removeprefix("**/") for p in patterns]
     missing = [f for f in files if not any(fnmatch.fnmatch(f, pattern) for pattern in patterns)]
     assert files and not missing
+
+
+def test_every_python_package_is_in_the_wheel():
+    """pyproject names its packages one by one (conf/ and data/ are mapped into the package): a new task package
+    must be listed there too, or a non-editable install lacks it."""
+    listed = set(re.findall(r'^\s+"(lightning_ft[\w.]*)",$', (ROOT / "pyproject.toml").read_text(), re.M))
+    found = {p.parent.relative_to(ROOT).as_posix().replace("/", ".") for p in ROOT.glob("lightning_ft/**/__init__.py")}
+    assert found - listed == set(), f"add these to [tool.setuptools] packages in pyproject.toml: {found - listed}"

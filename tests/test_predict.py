@@ -494,10 +494,12 @@ def test_an_output_that_cannot_be_written(classifier_dir, existing, tmp_path, ca
 
 
 def test_a_failure_while_predicting_leaves_the_existing_output(classifier_dir, existing, tmp_path, monkeypatch):
+    import dataclasses
+
     from lightning_ft.tasks import text_classification
 
     calls = []
-    original = text_classification.predict_rows
+    original = text_classification.SPEC.prediction.rows
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -505,7 +507,9 @@ def test_a_failure_while_predicting_leaves_the_existing_output(classifier_dir, e
             raise RuntimeError("out of memory")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(text_classification, "predict_rows", failing)
+    spec = dataclasses.replace(text_classification.SPEC,
+                               prediction=dataclasses.replace(text_classification.SPEC.prediction, rows=failing))
+    monkeypatch.setattr("lightning_ft.tasks.of_export", lambda config, path: spec)
     source = _write_jsonl(tmp_path / "in.jsonl", [{"text": "good"}, {"text": "bad"}])
     with pytest.raises(RuntimeError):
         _predict(f"model_dir={classifier_dir}", f"input={source}", f"output={existing}", "batch_size=1")

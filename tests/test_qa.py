@@ -12,7 +12,9 @@ from lightning_ft.data.squad import read_squad_json
 from lightning_ft.errors import UserError
 from lightning_ft.metrics.squad import SpanCandidates, normalize_answer, squad_scores
 from lightning_ft.paths import sample_dir
-from lightning_ft.tasks.qa import EXAMPLE_INDEX, QuestionAnsweringData, align_answer, best_answers
+from lightning_ft.tasks.qa import QuestionAnsweringData
+from lightning_ft.tasks.qa.data import EXAMPLE_INDEX, align_answer
+from lightning_ft.tasks.qa.model import best_answers
 from lightning_ft.train import train
 
 

@@ -15,7 +15,8 @@ from scipy.stats import pearsonr, spearmanr
 
 from lightning_ft.errors import UserError
 from lightning_ft.metrics.similarity import CosineCorrelation, PairRetrieval
-from lightning_ft.tasks.similarity import SentenceEncoder, contrastive_loss, cosine_loss, pool
+from lightning_ft.tasks.similarity.model import contrastive_loss, cosine_loss, pool
+from lightning_ft.tasks.similarity.predict import SentenceEncoder
 from lightning_ft.train import train
 
 SAMPLE_RUN = ["task=similarity", *QUICK]
@@ -256,7 +257,7 @@ def test_pretrained_minilm_is_evaluated_as_sentence_transformers_evaluates_it(tm
 
     from lightning_ft.backbones import resolve_name
     from lightning_ft.paths import sample_dir
-    from lightning_ft.tasks.similarity import read_texts
+    from lightning_ft.tasks.similarity.predict import read_texts
 
     # fp32 as sentence-transformers evaluates: under bf16 autocast the figure moves in the third decimal.
     cfg = compose_config(["task=similarity", "train=false", "test=false", "export=false", "~callbacks.progress_bar",

@@ -12,13 +12,8 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from transformers import PreTrainedTokenizerBase
 
-from lightning_ft.tasks.text_classification import (
-    MULTI,
-    REGRESSION,
-    SINGLE,
-    TextClassificationData,
-    TextClassificationTask,
-)
+from lightning_ft.tasks.text_classification import TextClassificationData, TextClassificationTask
+from lightning_ft.tasks.text_classification.data import MULTI, REGRESSION, SINGLE
 from lightning_ft.train import train
 
 WORDS = ["good", "bad", "great", "awful", "fine", "poor", "nice", "dull", "superb", "weak"]

@@ -55,6 +55,15 @@ def iter_jsonl(source: Path):
                 raise UserError(f"{source}:{number} is not JSON ({err.msg}): write one object a line.") from err
 
 
+def dotted_field(row: dict, path: str) -> Any:
+    """``row["question"]["stem"]`` for the path ``question.stem`` (a plain column name works too); KeyError or
+    TypeError where the row has no such field."""
+    value: Any = row
+    for part in path.split("."):
+        value = value[part]
+    return value
+
+
 def _fingerprint(data: Any) -> str:
     """The raw split's identity for the tokenized-data cache key."""
     if data.cache_files:

@@ -1,25 +1,4 @@
-"""Causal-LM (GPT-style) and masked-LM (BERT-style) pretraining or continued pretraining, as the HF ``run_clm`` and
-``run_mlm`` examples do them.
-
-Data: plain-text files (one document a line, or a blank-line separated paragraph with ``documents=paragraph``; gz
-allowed), rows with a ``text_column`` (jsonl, csv...), or a hub dataset. Documents are tokenized and packed into
-``block_size`` blocks (``group_texts``, the remainder of each batch of 1,000 documents dropped, as in the examples), or
-kept one a row (``line_by_line``, cut to ``block_size``). Causal LM ends every document with the eos token, so the
-model learns where documents end. Masked LM masks ``mlm_probability`` of the tokens with the 80/10/10 rule
-(optionally whole words) afresh for every training batch; validation and test are masked once, with ``seed``, so
-their perplexity is comparable from epoch to epoch and run to run.
-
-``document_attention=isolated`` keeps packed documents from attending to one another: position ids restart at each
-document and no attention mask is passed, which transformers turns into a block-diagonal mask for the models that
-support it (GPT-2, Llama...). The module checks that the backbone does (same logits packed as alone) and refuses one
-that does not (e.g. BERT).
-
-``streaming=true`` reads the files as a ``datasets`` iterable dataset that is never loaded into memory: each DDP
-rank reads its share (``split_dataset_by_node``: whole files when there are enough, else every N-th document), each
-loader worker a share of that, and the training stream repeats, so ``trainer.max_steps`` sets the length.
-
-Metric: perplexity = exp(summed token loss / token count) over the whole split, each example counted once under DDP.
-"""
+"""The data: raw text packed into blocks (causal LM) or masked (masked LM), from files, the hub or a stream."""
 
 from __future__ import annotations
 
@@ -28,20 +7,25 @@ import logging
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torchmetrics import MetricCollection
-from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 from lightning_ft.data.base import SPLITS, TaskDataModule, _builder_for
 from lightning_ft.errors import UserError
-from lightning_ft.metrics.language_modeling import Perplexity
-from lightning_ft.tasks.base import TaskModule
 
 log = logging.getLogger(__name__)
+
+
 OBJECTIVES = ("clm", "mlm")
+
+
 PACKINGS = ("group_texts", "line_by_line")
+
+
 DOCUMENT_ATTENTION = ("shared", "isolated")
+
+
 DOCUMENTS = {"line": "line", "paragraph": "paragraph", "file": "document"}  # -> the text builder's sample_by
+
+
 BATCH_DOCUMENTS = 1000  # documents packed together (the HF examples' map batch): the rest of a batch is dropped
 
 
@@ -317,187 +301,3 @@ class _Repeated(torch.utils.data.IterableDataset):
         for epoch in itertools.count():
             self.blocks.set_epoch(epoch)
             yield from self.blocks
-
-
-class LanguageModelingTask(TaskModule):
-    """A causal LM (``objective=clm``: GPT-2, Llama...) or masked LM (``objective=mlm``: BERT, RoBERTa...) trained
-    on text, scored by corpus perplexity.
-
-    Args:
-        objective: ``clm`` or ``mlm`` (the data's ``objective`` follows it in the shipped configs).
-        document_attention: from the data; ``isolated`` is checked against the backbone.
-        show_examples: causal LM only: continuations of this many validation prompts, printed and logged after
-            each validation.
-        prompt_tokens, sample_tokens: the prompt length (the first tokens of a validation block) and how many
-            tokens each example generates.
-    """
-
-    default_monitor = ("val/perplexity", "min")
-
-    def __init__(
-        self,
-        *,
-        objective: str = "clm",
-        document_attention: str = "shared",
-        show_examples: int = 3,
-        prompt_tokens: int = 16,
-        sample_tokens: int = 32,
-        **kwargs: Any,
-    ) -> None:
-        if objective not in OBJECTIVES:
-            raise UserError(f"task.objective '{objective}' is not one of {', '.join(OBJECTIVES)}.")
-        self.auto_class = AutoModelForCausalLM if objective == "clm" else AutoModelForMaskedLM
-        super().__init__(**kwargs)
-        self.objective = objective
-        self.show_examples = show_examples if objective == "clm" else 0
-        self.prompt_tokens = prompt_tokens
-        self.sample_tokens = sample_tokens
-        self.examples: dict[str, list[dict]] = {}
-        self._prompts: torch.Tensor | None = None  # the first validation blocks, continued after the validation
-        if document_attention == "isolated":
-            self._check_isolation()
-
-    def make_metrics(self, prefix: str) -> MetricCollection:
-        return MetricCollection({"perplexity": Perplexity()}, prefix=prefix)
-
-    def forward(self, **inputs: Any) -> Any:
-        if self.objective == "clm":
-            # No cache: it is not used in training, and with one transformers would not read packed documents from
-            # the position ids.
-            inputs["use_cache"] = False
-        return super().forward(**inputs)
-
-    def _check_isolation(self) -> None:
-        """Refuse ``isolated`` for a backbone that lets a packed document see the one before it."""
-        model = self.model
-        vocab = model.get_input_embeddings().num_embeddings
-        first, second = torch.arange(5, 10) % vocab, torch.arange(10, 14) % vocab
-        extra = {"use_cache": False} if self.objective == "clm" else {}
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            alone = model(input_ids=second[None], **extra).logits[0]
-            packed = model(input_ids=torch.cat([first, second])[None],
-                           position_ids=torch.tensor([[*range(5), *range(4)]]), **extra).logits[0, 5:]
-        model.train(was_training)
-        if not torch.allclose(alone, packed, atol=1e-4):
-            raise UserError(
-                f"backbone {model.config.model_type} does not isolate packed documents (its attention ignores "
-                "restarting position ids): use dataset.document_attention=shared, or dataset.packing=line_by_line.")
-
-    def _eval_step(self, stage: str, batch: dict) -> None:
-        # Replaces the base's step (and its update_metrics): the token losses are computed here, once, rather than
-        # by the model (which only returns their mean), and counted only for the rows this rank owns.
-        labels = batch["labels"]
-        logits = self(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        if self.objective == "clm":  # position t predicts token t + 1
-            logits, labels = logits[:, :-1], labels[:, 1:]
-        losses = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
-                                 reduction="none").view(labels.shape)
-        counted = labels != -100
-        self.log(f"{stage}/loss", losses.sum() / counted.sum().clamp(min=1), prog_bar=stage == "val",
-                 sync_dist=True, batch_size=len(labels))
-        own = self.own_rows(stage, len(labels))  # rows DistributedSampler repeats to even out the ranks come last
-        self.metrics[stage]["perplexity"].update(losses[:own].sum(), counted[:own].sum())
-        if stage == "val" and self._prompts is None and self.show_examples:
-            self._prompts = batch["input_ids"][: self.show_examples].detach().cpu()
-
-    def on_validation_epoch_end(self) -> None:
-        super().on_validation_epoch_end()
-        prompts, self._prompts = self._prompts, None
-        if prompts is not None and self.trainer.is_global_zero and not self.trainer.sanity_checking:
-            self.examples["val"] = self._continuations(prompts)
-            for example in self.examples["val"]:
-                log.info("sample: %r -> %r", example["source"], example["prediction"])
-
-    def _continuations(self, blocks: torch.Tensor) -> list[dict]:
-        """Sampled continuations of each block's first ``prompt_tokens`` tokens (top-k 50, seeded, without
-        touching the training random state)."""
-        tokenizer = self.trainer.datamodule.tokenizer
-        prompts = blocks[:, : self.prompt_tokens].to(self.device)
-        was_training = self.model.training
-        self.model.eval()
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), torch.no_grad():
-            torch.manual_seed(0)
-            generated = self.model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts),
-                                            do_sample=True, top_k=50, max_new_tokens=self.sample_tokens,
-                                            pad_token_id=tokenizer.pad_token_id)
-        self.model.train(was_training)
-        width = self.prompt_tokens
-        return [{"row": row, "source": tokenizer.decode(prompts[row], skip_special_tokens=True),
-                 "prediction": tokenizer.decode(generated[row, width:], skip_special_tokens=True),
-                 "references": [tokenizer.decode(blocks[row, width:width + self.sample_tokens],
-                                                 skip_special_tokens=True)]}
-                for row in range(len(prompts))]
-
-
-# ---- prediction (python -m lightning_ft.predict) -------------------------------------------------------------------
-# The columns predict reads when none is named: the first of these the input has.
-CLM_PREDICT_COLUMNS = {"column": ("prompt", "text")}
-MLM_PREDICT_COLUMNS = {"column": ("text",)}
-
-
-@torch.no_grad()
-def predict_continuations(model: Any, tokenizer: Any, rows: list[dict], *, column: str = "prompt",
-                          max_new_tokens: int = 32, num_beams: int = 1, do_sample: bool = False, top_k: int = 50,
-                          temperature: float = 1.0, seed: int = 0) -> list[dict]:
-    """A causal LM's ``continuation`` of each row's ``column`` text (the new text only): greedy by default,
-    ``do_sample=true`` samples (top-k, seeded, so a rerun gives the same text). Prompts are left-padded into one
-    batch; an eos token the tokenizer appends is dropped (a prompt does not end a document), and a prompt longer
-    than the model's positions allow keeps its last tokens."""
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    pad = pad if pad is not None else eos if eos is not None else 0
-    limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
-    if limit and max_new_tokens >= limit:
-        raise UserError(f"max_new_tokens={max_new_tokens} leaves no room for the prompt in the model's {limit} "
-                        "positions: lower it.")
-    prompts = []
-    for row in rows:
-        ids = tokenizer(str(row[column]))["input_ids"]
-        if len(ids) > 1 and ids[-1] == eos:
-            ids = ids[:-1]
-        ids = ids or [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos]
-        prompts.append(ids[-(limit - max_new_tokens):] if limit else ids)
-    width = max(len(ids) for ids in prompts)
-    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompts], device=model.device)
-    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], device=model.device)
-    sampling = {"do_sample": True, "top_k": top_k, "temperature": temperature} if do_sample else {"do_sample": False}
-    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                                   num_beams=num_beams, pad_token_id=pad, **sampling)
-    return [{"continuation": text} for text in tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)]
-
-
-def check_masked_rows(rows: list[dict], source: Any, tokenizer: Any, *, column: str = "text", **_: Any) -> None:
-    """Every text needs the tokenizer's mask token where a word is to be predicted."""
-    mask = tokenizer.mask_token
-    if mask is None:
-        raise UserError("the model's tokenizer has no mask token: it cannot fill masks.")
-    for number, row in enumerate(rows, start=1):
-        if mask not in str(row[column]):
-            raise UserError(f"row {number} of {source} has no {mask} in '{column}': put {mask} where a token is to be "
-                            "predicted.")
-
-
-@torch.no_grad()
-def predict_masks(model: Any, tokenizer: Any, rows: list[dict], *, column: str = "text", top_k: int = 5,
-                  max_length: int = 512) -> list[dict]:
-    """A masked LM's ``top_k`` candidates for every mask token of each row's ``column`` text, in order: ``fills``
-    (a list per mask of ``{"token", "score"}``, the score a probability) and ``sequence``, the text with each mask
-    replaced by its best candidate."""
-    texts = [str(row[column]) for row in rows]
-    encoding = tokenizer(texts, truncation=True, padding=True, return_tensors="pt",
-                         max_length=min(max_length, tokenizer.model_max_length))
-    logits = model(**encoding.to(model.device)).logits.float()
-    out = []
-    for row, text in enumerate(texts):
-        positions = (encoding["input_ids"][row] == tokenizer.mask_token_id).nonzero().flatten()
-        best = torch.softmax(logits[row, positions], -1).topk(min(top_k, logits.shape[-1]), dim=-1)
-        fills = [[{"token": tokenizer.decode([i]).strip(), "score": p} for p, i in zip(values, indices)]
-                 for values, indices in zip(best.values.tolist(), best.indices.tolist())]
-        sequence = text
-        for candidates in fills:  # masks cut off by max_length have no candidates and stay in the text
-            sequence = sequence.replace(tokenizer.mask_token, candidates[0]["token"], 1)
-        out.append({"fills": fills, "sequence": sequence})
-    return out

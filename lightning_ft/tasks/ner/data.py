@@ -1,33 +1,26 @@
-"""Token classification (NER, POS, chunking): one tag per word, evaluated per entity span as seqeval does.
-
-Words are aligned to sub-tokens with a fast tokenizer's ``word_ids``. The first sub-token of a word carries its tag;
-with ``label_all_tokens`` the others carry it too (``B-X`` turned into ``I-X``), as in the Hugging Face example.
-Predictions are read back at the first sub-token of every word. Words that ``max_length`` cut off (or that the
-tokenizer turns into nothing) are predicted ``O`` and still count at evaluation, and a warning says how many.
-"""
+"""The data: sentences as words with a tag per word, aligned to sub-tokens; CoNLL column files or tabular rows."""
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pyarrow.compute as pc
 import torch
-from torchmetrics import MetricCollection
-from transformers import AutoModelForTokenClassification
 
 from lightning_ft.data.base import TaskDataModule
 from lightning_ft.data.conll import read_conll
 from lightning_ft.errors import UserError
-from lightning_ft.metrics.entity import PREFIXES, EntityScores, get_entities, is_entity_scheme
-from lightning_ft.tasks.base import TaskModule
+from lightning_ft.metrics.entity import PREFIXES
 
 log = logging.getLogger(__name__)
+
+
 IGNORE = -100
+
+
 # Files read by `datasets` builders; any other extension (.txt, .conll, .iob, .tsv, none...) is a CoNLL column file.
 _TABULAR = {".json", ".jsonl", ".parquet", ".csv"}
 
@@ -54,17 +47,7 @@ def first_subtoken_index(word_ids: Sequence[int | None]) -> list[int]:
     return index
 
 
-def read_word_tags(predicted: Sequence[int], index: Sequence[int], words: int, id2label: dict[int, str]) -> list[str]:
-    """Every word's tag, read at its first sub-token (``index`` as ``first_subtoken_index`` gives it); a word with
-    no sub-token in view (cut off by ``max_length``, or tokenized into nothing) gets ``O``."""
-    tags = ["O"] * words
-    for label, word in zip(predicted, index):
-        if word >= 0:
-            tags[word] = id2label[label]
-    return tags
-
-
-def _require_fast(tokenizer: Any) -> None:
+def require_fast_tokenizer(tokenizer: Any) -> None:
     if not getattr(tokenizer, "is_fast", False):
         raise UserError(
             f"token classification needs a fast tokenizer (it maps sub-tokens back to words with word_ids), but "
@@ -106,7 +89,7 @@ class TokenClassificationData(TaskDataModule):
         # (2.3x faster) ended 1.5 F1 points lower, with the HF Trainer's own grouping as with ours
         # (benchmarks/RESULTS.md).
         super().__init__(group_by_length=group_by_length, **kwargs)
-        _require_fast(self.tokenizer)
+        require_fast_tokenizer(self.tokenizer)
         if unseen_tags not in ("error", "add"):
             raise UserError(f"dataset.unseen_tags is '{unseen_tags}': use error or add.")
         self.unseen_tags = unseen_tags
@@ -304,170 +287,3 @@ def _pad(rows: list[list[int]], length: int, side: str) -> torch.Tensor:
             else:
                 out[i, : len(row)] = torch.tensor(row)
     return out
-
-
-class TokenClassificationTask(TaskModule):
-    """A token-classification head on the backbone; entity-level P/R/F1 (overall and per type) and word accuracy.
-
-    Args:
-        num_labels, id2label: from ``TokenClassificationData.model_kwargs()``.
-        label_column: the data column this model tags (``ner_tags``, ``pos_tags``, ``chunk_tags``...); the dataset
-            configs read it from here, so ``task.label_column=pos_tags`` trains a POS tagger.
-    """
-
-    auto_class = AutoModelForTokenClassification
-    non_model_keys = ("word_index", "word_labels")
-
-    def __init__(
-        self, *, num_labels: int, id2label: dict[int, str], label_column: str = "ner_tags", **kwargs: Any
-    ) -> None:
-        self.id2label = {int(k): str(v) for k, v in id2label.items()}
-        self.label_column = label_column
-        self.entity_mode = is_entity_scheme(list(self.id2label.values()))
-        head = {"num_labels": num_labels, "id2label": self.id2label,
-                "label2id": {v: k for k, v in self.id2label.items()}}
-        super().__init__(model_config=head, **kwargs)
-
-    @property
-    def monitor(self) -> tuple[str, str]:
-        return ("val/f1", "max") if self.entity_mode else ("val/accuracy", "max")
-
-    def make_metrics(self, prefix: str) -> MetricCollection:
-        return MetricCollection({"scores": EntityScores(list(self.id2label.values()))}, prefix=prefix)
-
-    def update_metrics(self, metrics: MetricCollection, outputs: Any, batch: dict) -> None:
-        gold_ids = batch["word_labels"].cpu()
-        gold = [[self.id2label[i] for i in row[row != IGNORE].tolist()] for row in gold_ids]
-        predicted = outputs.logits.argmax(-1).cpu().tolist()
-        index = batch["word_index"].cpu().tolist()
-        metrics.update([read_word_tags(p, i, len(g), self.id2label) for p, i, g in zip(predicted, index, gold)], gold)
-
-    def tag(self, sentences: list[list[str]], tokenizer: Any, batch_size: int = 32, max_length: int = 512):
-        """Tag pre-split sentences with the module's model, as ``predict`` does with the exported one."""
-        return tag_sentences(self.model, tokenizer, sentences, batch_size=batch_size, max_length=max_length)
-
-
-# ---- prediction, shared by the module, the predict command and the tests ------------------------------------------
-@torch.no_grad()
-def tag_sentences(
-    model: Any, tokenizer: Any, sentences: list[list[str]], batch_size: int = 32, max_length: int = 512
-) -> tuple[list[list[str]], int]:
-    """Tags for every word of every sentence, and how many words were beyond ``max_length`` (tagged ``O``)."""
-    _require_fast(tokenizer)
-    was_training = model.training
-    model.eval()
-    id2label = {int(k): v for k, v in model.config.id2label.items()}
-    tags, lost = [], 0
-    device = next(model.parameters()).device
-    for start in range(0, len(sentences), batch_size):
-        chunk = sentences[start:start + batch_size]
-        encoding = tokenizer(chunk, is_split_into_words=True, truncation=True, max_length=max_length,
-                             padding=True, return_tensors="pt")
-        logits = model(**{k: v.to(device) for k, v in encoding.items()}).logits
-        predicted = logits.argmax(-1).cpu().tolist()
-        for row, words in enumerate(chunk):
-            index = first_subtoken_index(encoding.word_ids(row))
-            tags.append(read_word_tags(predicted[row], index, len(words), id2label))
-            lost += len(words) - sum(word >= 0 for word in index)
-    model.train(was_training)
-    return tags, lost
-
-
-def split_words(tokenizer: Any, text: str) -> list[tuple[str, tuple[int, int]]]:
-    """Raw text as words with character offsets, split by the tokenizer's own pre-tokenizer (as ``pipeline`` sees
-    them: BERT splits on spaces and punctuation)."""
-    _require_fast(tokenizer)
-    pre = tokenizer.backend_tokenizer.pre_tokenizer
-    spans = [span for _, span in pre.pre_tokenize_str(text)] if pre else [m.span() for m in re.finditer(r"\S+", text)]
-    words = []
-    for start, end in spans:  # byte-level pre-tokenizers include the leading space in a word's offsets
-        while start < end and text[start].isspace():
-            start += 1
-        if start < end:
-            words.append((text[start:end], (start, end)))
-    return words
-
-
-# ---- predicting files (python -m lightning_ft.predict) -------------------------------------------------------------
-def _entities(words: Sequence[str], tags: Sequence[str], offsets: Sequence[tuple[int, int]] | None, text: str | None):
-    out = []
-    for type_, first, last in get_entities(tags):
-        if offsets is not None and text is not None:
-            start, end = offsets[first][0], offsets[last][1]
-            out.append({"type": type_, "text": text[start:end], "start": start, "end": end})
-        else:  # word indices, end exclusive
-            out.append({"type": type_, "text": " ".join(words[first:last + 1]), "start": first, "end": last + 1})
-    return out
-
-
-def read_conll_rows(source: Path) -> list[dict[str, Any]]:
-    """The sentences of a CoNLL column file as rows: ``tokens`` (the first column) and ``columns`` (the others, per
-    token, e.g. gold tags), which ``conll_lines`` writes back with the predicted tag appended."""
-    from lightning_ft.data.conll import iter_sentences
-
-    return [{"tokens": [f[0] for _, f in sentence], "columns": [f[1:] for _, f in sentence]}
-            for sentence in iter_sentences(source)]
-
-
-def conll_lines(row: dict[str, Any]) -> str:
-    """A tagged row as CoNLL lines (token, kept columns, predicted tag) and the blank line that ends a sentence, so
-    conlleval can read the result."""
-    words, tags = row["tokens"], row["tags"]
-    columns = row.get("columns") or [[] for _ in words]
-    return "".join("\t".join([w, *c, t]) + "\n" for w, c, t in zip(words, columns, tags)) + "\n"
-
-
-def _tokens(value: Any) -> list[str] | None:
-    if isinstance(value, str):  # a csv/tsv cell: a JSON list, or words split on spaces
-        value = json.loads(value) if value.startswith("[") else value.split()
-    return [str(t) for t in value] if isinstance(value, list) else None
-
-
-def check_rows(rows: list[dict], source: Path, tokenizer: Any, *, column: str | None = None,
-               tokens_column: str | None = None, **_: Any) -> None:
-    """Every row needs pre-split words (``tokens``) or raw text (``text``), and the tokenizer must be a fast one."""
-    _require_fast(tokenizer)
-    tokens_key, text_key = tokens_column or "tokens", column or "text"
-    for number, row in enumerate(rows, start=1):
-        try:
-            has_tokens = tokens_key in row and _tokens(row[tokens_key]) is not None
-        except json.JSONDecodeError:
-            has_tokens = False
-        if not has_tokens and not isinstance(row.get(text_key), str):
-            raise UserError(f"row {number} of {source} needs a '{tokens_key}' list or a '{text_key}' string (name "
-                            "other columns with tokens_column= or column=).")
-
-
-@torch.no_grad()
-def predict_rows(model: Any, tokenizer: Any, rows: list[dict], *, column: str | None = None,
-                 tokens_column: str | None = None, max_length: int = 512, stats: Any = None) -> list[dict]:
-    """Tags and entities for each row: its ``tokens`` list (pre-split words; entity ``start``/``end`` are word
-    indices, end exclusive) or else its ``text`` (split into words as the tokenizer splits them; entity
-    ``start``/``end`` are character offsets). Words beyond ``max_length`` sub-tokens are tagged ``O`` (counted in
-    ``stats["words_cut"]``)."""
-    records = [_words_of(tokenizer, row, tokens_column or "tokens", column or "text") for row in rows]
-    tags, lost = tag_sentences(model, tokenizer, [r["tokens"] for r in records], len(rows) or 1, max_length)
-    if stats is not None:
-        stats["words"] += sum(len(r["tokens"]) for r in records)
-        stats["words_cut"] += lost
-    return [{"tokens": r["tokens"], "tags": t, "entities": _entities(r["tokens"], t, r.get("offsets"), r.get("text"))}
-            for r, t in zip(records, tags)]
-
-
-def predict_report(stats: Any, settings: dict[str, Any], option: Any) -> tuple[str, list[str]]:
-    """The word count for the summary line, and a warning when ``max_length`` cut words off."""
-    warnings = []
-    if stats["words_cut"]:
-        name = option("max_length")
-        warnings.append(f"{stats['words_cut']} words were beyond {name}={settings.get('max_length', 512)} sub-tokens "
-                        f"and are tagged 'O': raise {name}.")
-    return f" ({stats['words']} words)", warnings
-
-
-def _words_of(tokenizer: Any, row: dict[str, Any], tokens_key: str, text_key: str) -> dict[str, Any]:
-    tokens = _tokens(row[tokens_key]) if tokens_key in row else None
-    if tokens is not None:
-        return {"tokens": tokens}
-    text = str(row[text_key]).rstrip("\r\n")
-    words = split_words(tokenizer, text)
-    return {"tokens": [w for w, _ in words], "offsets": [span for _, span in words], "text": text}

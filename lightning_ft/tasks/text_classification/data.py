@@ -1,32 +1,16 @@
-"""Text classification: single-label, multi-label and regression, over single sentences or sentence pairs.
-
-The problem type comes from the data unless given: a list label is multi-label, a non-integer number is
-regression (one output, MSE), anything else is single-label. The label set and its order come from the
-training split (or ``label_names``) and travel with the model as ``id2label``.
-"""
+"""The data: text (or text pairs) with a label; the problem type and label set come from the training split."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
-import torch
-from torchmetrics import MeanSquaredError, MetricCollection
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassF1Score,
-    MulticlassMatthewsCorrCoef,
-    MultilabelExactMatch,
-    MultilabelF1Score,
-)
-from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
-from transformers import AutoModelForSequenceClassification
-
 from lightning_ft.data.base import TaskDataModule
 from lightning_ft.errors import UserError
-from lightning_ft.tasks.base import TaskModule
 
 SINGLE, MULTI, REGRESSION = "single_label_classification", "multi_label_classification", "regression"
+
+
 PROBLEM_TYPES = (SINGLE, MULTI, REGRESSION)
 
 
@@ -181,93 +165,3 @@ class TextClassificationData(TaskDataModule):
         for label in self._labels_of(value):
             hot[self.label2id[label]] = 1.0
         return hot
-
-
-class TextClassificationTask(TaskModule):
-    """A sequence-classification head on the backbone, with corpus-level metrics for its problem type.
-
-    Args:
-        num_labels, id2label, problem_type: from ``TextClassificationData.model_kwargs()``.
-        threshold: the sigmoid probability above which a multi-label class is predicted.
-    """
-
-    auto_class = AutoModelForSequenceClassification
-
-    def __init__(
-        self,
-        *,
-        num_labels: int,
-        id2label: dict[int, str],
-        problem_type: str = SINGLE,
-        threshold: float = 0.5,
-        **kwargs: Any,
-    ) -> None:
-        self.problem_type = problem_type
-        self.threshold = threshold
-        self.num_labels = num_labels
-        id2label = {int(k): str(v) for k, v in id2label.items()}
-        head = {"num_labels": num_labels, "id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
-        super().__init__(model_config={**head, "problem_type": problem_type}, **kwargs)
-
-    @property
-    def monitor(self) -> tuple[str, str]:
-        return {SINGLE: ("val/accuracy", "max"), MULTI: ("val/f1_micro", "max"), REGRESSION: ("val/spearman", "max")}[
-            self.problem_type
-        ]
-
-    def make_metrics(self, prefix: str) -> MetricCollection:
-        n = self.num_labels
-        if self.problem_type == REGRESSION:
-            metrics = {"pearson": PearsonCorrCoef(), "spearman": SpearmanCorrCoef(), "mse": MeanSquaredError()}
-        elif self.problem_type == MULTI:
-            metrics = {
-                "f1_micro": MultilabelF1Score(n, threshold=self.threshold, average="micro"),
-                "f1_macro": MultilabelF1Score(n, threshold=self.threshold, average="macro"),
-                "exact_match": MultilabelExactMatch(n, threshold=self.threshold),
-            }
-        else:
-            metrics = {
-                "accuracy": MulticlassAccuracy(n, average="micro"),
-                "f1_macro": MulticlassF1Score(n, average="macro"),
-                "mcc": MulticlassMatthewsCorrCoef(n),
-            }
-        return MetricCollection(metrics, prefix=prefix)
-
-    def update_metrics(self, metrics: MetricCollection, outputs: Any, batch: dict) -> None:
-        logits = outputs.logits.float()
-        if self.problem_type == REGRESSION:
-            metrics.update(logits.squeeze(-1), batch["labels"].float())
-        elif self.problem_type == MULTI:
-            metrics.update(torch.sigmoid(logits), batch["labels"].int())
-        else:
-            metrics.update(logits.argmax(-1), batch["labels"])
-
-
-# ---- prediction (python -m lightning_ft.predict) -------------------------------------------------------------------
-# The columns predict reads when none is named: the first of these the input has (a trailing None: optional).
-PREDICT_COLUMNS = {"column": ("text", "sentence", "sentence1"), "pair_column": ("text_pair", "sentence2", None)}
-
-
-@torch.no_grad()
-def predict_rows(model: Any, tokenizer: Any, rows: list[dict], *, column: str = "text", pair_column: str | None = None,
-                 threshold: float = 0.5, max_length: int = 512) -> list[dict]:
-    """The prediction for each row's ``column`` text (with its ``pair_column`` text, for a model of pairs), by the
-    problem type the model was trained for (its config's ``problem_type``): single-label ``label`` and its
-    probability ``score``; multi-label the ``labels`` whose sigmoid probability is above ``threshold`` and those
-    probabilities, ``scores``; regression the predicted ``score``."""
-    pairs = [str(row[pair_column]) for row in rows] if pair_column else None
-    encoding = tokenizer([str(row[column]) for row in rows], pairs, truncation=True, padding=True,
-                         max_length=min(max_length, tokenizer.model_max_length), return_tensors="pt")
-    logits = model(**encoding.to(model.device)).logits.float().cpu()
-    config = model.config
-    id2label = {int(k): str(v) for k, v in config.id2label.items()}
-    if config.problem_type == REGRESSION or (config.problem_type is None and config.num_labels == 1):
-        return [{"score": value} for value in logits[:, 0].tolist()]
-    if config.problem_type == MULTI:
-        out = []
-        for probabilities in torch.sigmoid(logits).tolist():
-            chosen = [i for i, p in enumerate(probabilities) if p > threshold]
-            out.append({"labels": [id2label[i] for i in chosen], "scores": [probabilities[i] for i in chosen]})
-        return out
-    best = torch.softmax(logits, -1).max(-1)
-    return [{"label": id2label[i], "score": p} for p, i in zip(best.values.tolist(), best.indices.tolist())]

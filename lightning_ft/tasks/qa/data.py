@@ -1,13 +1,4 @@
-"""Extractive question answering (SQuAD v1.1 and v2.0), as the Hugging Face ``run_qa`` example does it.
-
-Preprocessing: question + context, the context cut into ``max_length`` windows that overlap by ``doc_stride``
-tokens; each window is labelled with the answer's first and last token, or with the CLS token when the answer is not
-wholly inside it (or the question has none). Evaluation keeps, per window, only the ``n_best_size`` best start and
-end positions (``SpanCandidates``), never the full logits of the split. Post-processing joins the windows of each
-question, scores spans by start + end logit (at most ``max_answer_length`` tokens, inside the context), takes the
-text from the character offsets and, for v2.0, answers nothing when the no-answer score beats the best span by more
-than ``null_score_diff_threshold``. Scores are the official SQuAD EM/F1 over the whole split.
-"""
+"""The data: questions over contexts cut into overlapping windows, answers aligned to token spans."""
 
 from __future__ import annotations
 
@@ -15,18 +6,19 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
-from transformers import AutoModelForQuestionAnswering
-
 from lightning_ft.data.base import TaskDataModule
 from lightning_ft.data.squad import is_squad_json, read_squad_json
 from lightning_ft.errors import UserError
-from lightning_ft.metrics.squad import SpanCandidates, squad_scores
-from lightning_ft.tasks.base import TaskModule
 
 log = logging.getLogger(__name__)
+
+
 EXAMPLE_INDEX = "example_index"
+
+
 WINDOW_COLUMNS = (EXAMPLE_INDEX, "window", "context_start", "context_end", "cls_index")
+
+
 _SHOWN_IDS = 5  # example ids a warning lists before "and N more"
 
 
@@ -267,163 +259,3 @@ class QuestionAnsweringData(TaskDataModule):
         """The tokenized windows and raw questions of a split: what post-processing reads."""
         self._prepare()
         return self.datasets[split], self.examples[split]
-
-
-def best_answers(
-    candidates: dict[str, torch.Tensor],
-    windows: Any,
-    examples: Any,
-    *,
-    id_column: str = "id",
-    context_column: str = "context",
-    n_best_size: int = 20,
-    max_answer_length: int = 30,
-    version_2: bool = False,
-    null_score_diff_threshold: float = 0.0,
-) -> dict[str, list[dict]]:
-    """Each question's n-best answers (text, score, character span), best first, from its windows' candidates.
-
-    For v2.0 the list holds the empty "no answer" too, ranked by the rule of ``null_score_diff_threshold``.
-    """
-    import numpy as np
-
-    # The windows of a question are consecutive rows: its first row plus the window number finds each.
-    indices, first = np.unique(np.asarray(windows[EXAMPLE_INDEX]), return_index=True)
-    first_row = dict(zip(indices.tolist(), first.tolist()))
-    # torchmetrics squeezes one-element results to scalars: give every state back its row dimension.
-    count = candidates[EXAMPLE_INDEX].numel()
-    values = {k: v.cpu().reshape(count, -1).tolist() if k.endswith(("_index", "_logit")) and k != EXAMPLE_INDEX
-              else v.cpu().reshape(count).tolist() for k, v in candidates.items()}
-    by_example: dict[int, list[int]] = {}
-    for i, example in enumerate(values[EXAMPLE_INDEX]):
-        by_example.setdefault(example, []).append(i)
-    answers: dict[str, list[dict]] = {}
-    for example, rows in by_example.items():
-        context = examples[example][context_column]
-        spans, null_score = [], None
-        for i in rows:
-            window = windows[first_row[example] + values["window"][i]]
-            offsets = window["offset_mapping"]
-            low, high = window["context_start"], window["context_end"]
-            null_score = min(null_score, values["null_score"][i]) if null_score is not None else values["null_score"][i]
-            for start, start_logit in zip(values["start_index"][i], values["start_logit"][i]):
-                for end, end_logit in zip(values["end_index"][i], values["end_logit"][i]):
-                    if not (low <= start <= end <= high) or end - start + 1 > max_answer_length:
-                        continue
-                    if start_logit == float("-inf") or end_logit == float("-inf"):
-                        continue
-                    begin, finish = offsets[start][0], offsets[end][1]
-                    spans.append({"text": context[begin:finish], "score": start_logit + end_logit,
-                                  "start": begin, "end": finish})
-        spans = sorted(spans, key=lambda s: s["score"], reverse=True)[:n_best_size]
-        if version_2:
-            best = spans[0]["score"] if spans else float("-inf")
-            null = {"text": "", "score": null_score, "start": -1, "end": -1}
-            # The HF example's rule: answer nothing when the null score beats the best span by the threshold.
-            spans = [null, *spans] if null_score - best > null_score_diff_threshold else [*spans, null]
-        answers[str(examples[example][id_column])] = spans or [{"text": "", "score": 0.0, "start": -1, "end": -1}]
-    return answers
-
-
-class QuestionAnsweringTask(TaskModule):
-    """A span-prediction head (start and end logits) with SQuAD EM/F1 over the whole split.
-
-    Args:
-        n_best_size: start and end candidates kept per window, and answers kept per question.
-        max_answer_length: the longest answer, in tokens.
-        version_2_with_negative: SQuAD v2.0: questions may have no answer (adds HasAns/NoAns scores).
-        null_score_diff_threshold: v2.0: answer nothing when the no-answer score exceeds the best span's by more.
-    """
-
-    auto_class = AutoModelForQuestionAnswering
-    default_monitor = ("val/f1", "max")
-    non_model_keys = WINDOW_COLUMNS
-
-    def __init__(
-        self,
-        *,
-        n_best_size: int = 20,
-        max_answer_length: int = 30,
-        version_2_with_negative: bool = False,
-        null_score_diff_threshold: float = 0.0,
-        **kwargs: Any,
-    ) -> None:
-        self.n_best_size = n_best_size
-        self.max_answer_length = max_answer_length
-        self.version_2_with_negative = version_2_with_negative
-        self.null_score_diff_threshold = null_score_diff_threshold
-        super().__init__(**kwargs)
-        self.predictions: dict[str, dict[str, str]] = {}  # stage -> question id -> answer, of the last evaluation
-
-    def make_metrics(self, prefix: str) -> SpanCandidates:
-        return SpanCandidates(top_k=self.n_best_size)
-
-    def update_metrics(self, metrics: SpanCandidates, outputs: Any, batch: dict) -> None:
-        metrics.update(batch[EXAMPLE_INDEX], batch["window"], outputs.start_logits, outputs.end_logits,
-                       batch["context_start"], batch["context_end"], batch["cls_index"])
-
-    def _log_epoch_metrics(self, stage: str) -> None:
-        candidates = self.metrics[stage].compute()
-        self.metrics[stage].reset()
-        datamodule = self.trainer.datamodule
-        windows, examples = datamodule.references("validation" if stage == "val" else "test")
-        answers = best_answers(
-            candidates, windows, examples, id_column=datamodule.id_column, context_column=datamodule.context_column,
-            n_best_size=self.n_best_size, max_answer_length=self.max_answer_length,
-            version_2=self.version_2_with_negative, null_score_diff_threshold=self.null_score_diff_threshold,
-        )
-        self.predictions[stage] = {qid: spans[0]["text"] for qid, spans in answers.items()}
-        # Score the questions this evaluation saw (all of them, unless limit_val_batches cut the split short).
-        seen = sorted(set(candidates[EXAMPLE_INDEX].tolist())) if answers else []
-        rows = examples.select(seen).select_columns([datamodule.id_column, datamodule.answers_column])
-        references = {str(r[datamodule.id_column]): r[datamodule.answers_column]["text"] for r in rows}
-        scores = squad_scores(self.predictions[stage], references, self.version_2_with_negative)
-        self.log_dict({f"{stage}/{name}": value for name, value in scores.items()}, prog_bar=stage == "val")
-
-
-# ---- prediction (python -m lightning_ft.predict, and the question-answering pipeline) -------------------------------
-PREDICT_COLUMNS = {"question_column": ("question",), "context_column": ("context",)}
-
-
-def scored_answers(spans: list[dict]) -> list[dict]:
-    """``best_answers``' spans of one question as answers: text, character span, and ``score``, the span's
-    probability among the n-best (a softmax over their start + end logits)."""
-    import math
-
-    top = max(s["score"] for s in spans)
-    total = sum(math.exp(s["score"] - top) for s in spans)
-    return [{"answer": s["text"], "score": math.exp(s["score"] - top) / total, "start": s["start"], "end": s["end"]}
-            for s in spans]
-
-
-@torch.no_grad()
-def predict_rows(model: Any, tokenizer: Any, rows: list[dict], *, question_column: str = "question",
-                 context_column: str = "context", max_length: int = 384, doc_stride: int = 128,
-                 max_answer_length: int = 30, n_best_size: int = 20, handle_impossible_answer: bool = False,
-                 null_score_diff_threshold: float = 0.0) -> list[dict]:
-    """The best answer to each row's question in its context: ``answer`` (the text, ``context[start:end]``), its
-    probability ``score`` and character ``start``/``end``. Long contexts are read in overlapping windows and
-    post-processed as at evaluation (``tokenize_windows``, ``SpanCandidates``, ``best_answers``).
-    ``handle_impossible_answer`` (SQuAD v2.0 models): the empty answer (start -1) wins by the null-score rule."""
-    import datasets
-
-    questions = [str(row[question_column]).lstrip() for row in rows]
-    contexts = [str(row[context_column]) for row in rows]
-    encoding, windows = tokenize_windows(tokenizer, questions, contexts, max_length, min(doc_stride, max_length // 2))
-    names = [k for k in encoding if k in ("input_ids", "attention_mask", "token_type_ids")]
-    inputs = tokenizer.pad({k: encoding[k] for k in names}, return_tensors="pt").to(model.device)
-    outputs = model(**inputs)
-    column = {k: torch.tensor([w[k] for w in windows]) for k in ("sample", "window", "context_start", "context_end",
-                                                                 "cls_index")}
-    collector = SpanCandidates(top_k=n_best_size)
-    collector.update(column["sample"], column["window"], outputs.start_logits.cpu(), outputs.end_logits.cpu(),
-                     column["context_start"], column["context_end"], column["cls_index"])
-    answers = best_answers(
-        collector.compute(),
-        datasets.Dataset.from_list([{**w, EXAMPLE_INDEX: w["sample"], "offset_mapping": o}
-                                    for w, o in zip(windows, encoding["offset_mapping"])]),
-        datasets.Dataset.from_list([{"id": str(i), "context": c} for i, c in enumerate(contexts)]),
-        n_best_size=n_best_size, max_answer_length=max_answer_length, version_2=handle_impossible_answer,
-        null_score_diff_threshold=null_score_diff_threshold,
-    )
-    return [scored_answers(answers[str(i)])[0] for i in range(len(rows))]

@@ -1,0 +1,130 @@
+"""The model: a causal or masked LM head; corpus perplexity, sampled continuations of validation prompts."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torchmetrics import MetricCollection
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+from lightning_ft.errors import UserError
+from lightning_ft.metrics.language_modeling import Perplexity
+from lightning_ft.tasks.base import TaskModule
+from lightning_ft.tasks.language_modeling.data import OBJECTIVES
+
+log = logging.getLogger(__name__)
+
+
+class LanguageModelingTask(TaskModule):
+    """A causal LM (``objective=clm``: GPT-2, Llama...) or masked LM (``objective=mlm``: BERT, RoBERTa...) trained
+    on text, scored by corpus perplexity.
+
+    Args:
+        objective: ``clm`` or ``mlm`` (the data's ``objective`` follows it in the shipped configs).
+        document_attention: from the data; ``isolated`` is checked against the backbone.
+        show_examples: causal LM only: continuations of this many validation prompts, printed and logged after
+            each validation.
+        prompt_tokens, sample_tokens: the prompt length (the first tokens of a validation block) and how many
+            tokens each example generates.
+    """
+
+    default_monitor = ("val/perplexity", "min")
+
+    def __init__(
+        self,
+        *,
+        objective: str = "clm",
+        document_attention: str = "shared",
+        show_examples: int = 3,
+        prompt_tokens: int = 16,
+        sample_tokens: int = 32,
+        **kwargs: Any,
+    ) -> None:
+        if objective not in OBJECTIVES:
+            raise UserError(f"task.objective '{objective}' is not one of {', '.join(OBJECTIVES)}.")
+        self.auto_class = AutoModelForCausalLM if objective == "clm" else AutoModelForMaskedLM
+        super().__init__(**kwargs)
+        self.objective = objective
+        self.show_examples = show_examples if objective == "clm" else 0
+        self.prompt_tokens = prompt_tokens
+        self.sample_tokens = sample_tokens
+        self.examples: dict[str, list[dict]] = {}
+        self._prompts: torch.Tensor | None = None  # the first validation blocks, continued after the validation
+        if document_attention == "isolated":
+            self._check_isolation()
+
+    def make_metrics(self, prefix: str) -> MetricCollection:
+        return MetricCollection({"perplexity": Perplexity()}, prefix=prefix)
+
+    def forward(self, **inputs: Any) -> Any:
+        if self.objective == "clm":
+            # No cache: it is not used in training, and with one transformers would not read packed documents from
+            # the position ids.
+            inputs["use_cache"] = False
+        return super().forward(**inputs)
+
+    def _check_isolation(self) -> None:
+        """Refuse ``isolated`` for a backbone that lets a packed document see the one before it."""
+        model = self.model
+        vocab = model.get_input_embeddings().num_embeddings
+        first, second = torch.arange(5, 10) % vocab, torch.arange(10, 14) % vocab
+        extra = {"use_cache": False} if self.objective == "clm" else {}
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            alone = model(input_ids=second[None], **extra).logits[0]
+            packed = model(input_ids=torch.cat([first, second])[None],
+                           position_ids=torch.tensor([[*range(5), *range(4)]]), **extra).logits[0, 5:]
+        model.train(was_training)
+        if not torch.allclose(alone, packed, atol=1e-4):
+            raise UserError(
+                f"backbone {model.config.model_type} does not isolate packed documents (its attention ignores "
+                "restarting position ids): use dataset.document_attention=shared, or dataset.packing=line_by_line.")
+
+    def _eval_step(self, stage: str, batch: dict) -> None:
+        # Replaces the base's step (and its update_metrics): the token losses are computed here, once, rather than
+        # by the model (which only returns their mean), and counted only for the rows this rank owns.
+        labels = batch["labels"]
+        logits = self(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        if self.objective == "clm":  # position t predicts token t + 1
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        losses = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                                 reduction="none").view(labels.shape)
+        counted = labels != -100
+        self.log(f"{stage}/loss", losses.sum() / counted.sum().clamp(min=1), prog_bar=stage == "val",
+                 sync_dist=True, batch_size=len(labels))
+        own = self.own_rows(stage, len(labels))  # rows DistributedSampler repeats to even out the ranks come last
+        self.metrics[stage]["perplexity"].update(losses[:own].sum(), counted[:own].sum())
+        if stage == "val" and self._prompts is None and self.show_examples:
+            self._prompts = batch["input_ids"][: self.show_examples].detach().cpu()
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        prompts, self._prompts = self._prompts, None
+        if prompts is not None and self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            self.examples["val"] = self._continuations(prompts)
+            for example in self.examples["val"]:
+                log.info("sample: %r -> %r", example["source"], example["prediction"])
+
+    def _continuations(self, blocks: torch.Tensor) -> list[dict]:
+        """Sampled continuations of each block's first ``prompt_tokens`` tokens (top-k 50, seeded, without
+        touching the training random state)."""
+        tokenizer = self.trainer.datamodule.tokenizer
+        prompts = blocks[:, : self.prompt_tokens].to(self.device)
+        was_training = self.model.training
+        self.model.eval()
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), torch.no_grad():
+            torch.manual_seed(0)
+            generated = self.model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts),
+                                            do_sample=True, top_k=50, max_new_tokens=self.sample_tokens,
+                                            pad_token_id=tokenizer.pad_token_id)
+        self.model.train(was_training)
+        width = self.prompt_tokens
+        return [{"row": row, "source": tokenizer.decode(prompts[row], skip_special_tokens=True),
+                 "prediction": tokenizer.decode(generated[row, width:], skip_special_tokens=True),
+                 "references": [tokenizer.decode(blocks[row, width:width + self.sample_tokens],
+                                                 skip_special_tokens=True)]}
+                for row in range(len(prompts))]

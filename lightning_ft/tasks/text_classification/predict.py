@@ -1,0 +1,48 @@
+"""Prediction: a label and its probability (multi-label: the labels above a threshold; regression: a score)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lightning_ft.tasks.spec import column_option, option
+from lightning_ft.tasks.text_classification.data import MULTI, REGRESSION
+
+
+# ---- prediction (python -m lightning_ft.predict) -------------------------------------------------------------------
+@dataclass
+class ClassifyOptions:
+    """The options of ``python -m lightning_ft.predict`` for a text classifier."""
+
+    column: str = column_option("text", "sentence", "sentence1", help="the text column")
+    pair_column: str | None = column_option("text_pair", "sentence2", None,
+                                            help="the second text of a pair, for a model of pairs")
+    threshold: float = option(0.5, "multi-label: the probability above which a label is predicted")
+    max_length: int = option(512, "tokens kept of each text")
+
+
+@torch.no_grad()
+def predict_rows(model: Any, tokenizer: Any, rows: list[dict], *, column: str, pair_column: str | None,
+                 threshold: float, max_length: int) -> list[dict]:
+    """The prediction for each row's ``column`` text (with its ``pair_column`` text, for a model of pairs), by the
+    problem type the model was trained for (its config's ``problem_type``): single-label ``label`` and its
+    probability ``score``; multi-label the ``labels`` whose sigmoid probability is above ``threshold`` and those
+    probabilities, ``scores``; regression the predicted ``score``."""
+    pairs = [str(row[pair_column]) for row in rows] if pair_column else None
+    encoding = tokenizer([str(row[column]) for row in rows], pairs, truncation=True, padding=True,
+                         max_length=min(max_length, tokenizer.model_max_length), return_tensors="pt")
+    logits = model(**encoding.to(model.device)).logits.float().cpu()
+    config = model.config
+    id2label = {int(k): str(v) for k, v in config.id2label.items()}
+    if config.problem_type == REGRESSION or (config.problem_type is None and config.num_labels == 1):
+        return [{"score": value} for value in logits[:, 0].tolist()]
+    if config.problem_type == MULTI:
+        out = []
+        for probabilities in torch.sigmoid(logits).tolist():
+            chosen = [i for i, p in enumerate(probabilities) if p > threshold]
+            out.append({"labels": [id2label[i] for i in chosen], "scores": [probabilities[i] for i in chosen]})
+        return out
+    best = torch.softmax(logits, -1).max(-1)
+    return [{"label": id2label[i], "score": p} for p, i in zip(best.values.tolist(), best.indices.tolist())]
