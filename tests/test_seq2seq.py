@@ -10,7 +10,6 @@ import sacrebleu
 import torch
 from conftest import compose_config, on_two_ranks
 from hydra.utils import instantiate
-from omegaconf import open_dict
 from torch.utils.data import DistributedSampler
 
 from lightning_ft.backbones import load_model, match_tokenizer
@@ -20,7 +19,7 @@ from lightning_ft.paths import sample_dir
 from lightning_ft.tasks.base import rows_of_rank
 from lightning_ft.tasks.seq2seq import Seq2SeqData, SummarizationTask, TranslationTask
 from lightning_ft.tokenizer_training import train_tokenizer
-from lightning_ft.train import OWN_TRAINER_KEYS, build_task, train
+from lightning_ft.train import build_task, train
 
 HYPOTHESES = ["The cat sat on the mat.", "A dog runs in the park with a red ball.", "Two men are playing chess.",
               "It is raining today in the big city.", "She reads a very old book."]
@@ -238,15 +237,12 @@ def test_validation_generates_a_subset_while_training_and_everything_after(tmp_p
     cfg.trainer.max_epochs = 1
     from lightning_ft.tokenizer_training import train_tokenizer as train_tok
 
-    datamodule = instantiate(cfg.dataset, tokenizer=None, _convert_="all")
-    datamodule.tokenizer = train_tok(datamodule.training_texts(), **cfg.backbone.train_tokenizer)
+    datamodule = instantiate(cfg.dataset, _convert_="all")
+    datamodule.connect(train_tok(datamodule.training_texts(), **cfg.backbone.train_tokenizer))
     datamodule.tokenizer.save_pretrained(tmp_path / "tok")
     cfg.backbone.tokenizer = str(tmp_path / "tok")
     module = build_task(cfg, datamodule)
     assert module.model.config.d_model == 32 and module.model.config.vocab_size == len(datamodule.tokenizer)
-    with open_dict(cfg):
-        for key in OWN_TRAINER_KEYS:  # lightning_ft's own keys, not the Trainer's (train.py drops them too)
-            cfg.trainer.pop(key)
     trainer = instantiate(cfg.trainer, callbacks=[], logger=False, enable_checkpointing=False,
                           enable_progress_bar=False, limit_val_batches=None)
     trainer.fit(module, datamodule=datamodule)

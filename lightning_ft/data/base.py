@@ -25,6 +25,8 @@ from lightning_ft.errors import UserError
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
+# The file stems each split is found under in a data_dir (train.tsv, dev.tsv...; train.de + train.en).
+SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "valid", "dev", "val"), "test": ("test",)}
 # Builders of `datasets` for local files, by extension (".gz" and friends are stripped first).
 _BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 _COMPRESSION = {".gz", ".bz2", ".xz", ".zst"}
@@ -40,6 +42,13 @@ def _builder_for(path: Path) -> str:
             f"dataset file '{path}' has an unknown extension '{ext}': use one of {', '.join(sorted(_BUILDERS))}."
         )
     return _BUILDERS[ext]
+
+
+def open_text(path: Path):
+    """A text file for reading, gzip-compressed ones (``.gz``) too."""
+    import gzip
+
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")
 
 
 def iter_jsonl(source: Path):
@@ -68,8 +77,8 @@ def _fingerprint(data: Any) -> str:
     """The raw split's identity for the tokenized-data cache key."""
     if data.cache_files:
         return data._fingerprint  # datasets' own: the source files and every transform applied since
-    # Built in memory (e.g. CoNLL files a task reads itself): datasets gives it a random fingerprint and map would
-    # not cache it at all, so the key hashes the rows and the tokenized split gets an explicit cache file.
+    # Built in memory (e.g. CoNLL files a task reads itself): no cache file backs it, so map would not cache its
+    # result; the key hashes the rows and the tokenized split gets an explicit cache file.
     import pyarrow as pa
 
     sink = pa.BufferOutputStream()
@@ -121,7 +130,8 @@ class EpochShuffle(Sampler[int]):
 class ResumableLoader(StatefulDataLoader):
     """torchdata's ``StatefulDataLoader`` (its state: how far into the epoch it has read), except that a checkpoint
     taken after the epoch's last batch (the end-of-epoch validation) starts the next epoch afresh, where torchdata
-    would re-read the finished one. (The sampler's epoch is set when the loader is made: ``_loader``.)"""
+    would yield an empty first epoch (nothing left of the finished one). (The sampler's epoch is set when the loader
+    is made: ``_loader``.)"""
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("_num_yielded", 0) < len(self):
@@ -147,7 +157,7 @@ class TaskDataModule(pl.LightningDataModule):
     def __init__(
         self,
         *,
-        tokenizer: Any,
+        tokenizer: Any = None,
         hub_name: str | None = None,
         hub_config: str | None = None,
         hub_splits: dict[str, str] | None = None,
@@ -168,11 +178,7 @@ class TaskDataModule(pl.LightningDataModule):
         seed: int = 42,
     ) -> None:
         super().__init__()
-        if isinstance(tokenizer, str):
-            from lightning_ft.backbones import load_tokenizer
-
-            tokenizer = load_tokenizer(tokenizer)
-        self.tokenizer = tokenizer
+        self.tokenizer: Any = None
         self.hub_name = hub_name
         self.hub_config = hub_config
         self.hub_splits = dict(hub_splits or {})
@@ -195,8 +201,29 @@ class TaskDataModule(pl.LightningDataModule):
         self.examples_tokenized = 0  # rows this process tokenized itself (0 when every split came from the cache)
         self.tokenize_seconds = 0.0  # tokenizing, or reading the tokenized splits from the cache
         self.truncated: dict[str, int] = {}
+        # split -> kind of bad input -> how many rows (or which example ids), reported in the run's summary
+        self.problems: dict[str, dict[str, Any]] = {}
+        if tokenizer is not None:
+            self.connect(tokenizer)
+
+    def connect(self, tokenizer: Any) -> TaskDataModule:
+        """Give the DataModule its tokenizer (an object, or a name or directory to load). It comes after
+        construction because a backbone built from a config trains its tokenizer on this DataModule's training text
+        (``training_texts``). Checks what the task needs of the tokenizer, before any data is read."""
+        if isinstance(tokenizer, str):
+            from lightning_ft.backbones import load_tokenizer
+
+            tokenizer = load_tokenizer(tokenizer)
+        self.tokenizer = self.check_tokenizer(tokenizer)
+        self._collator = None
+        return self
 
     # ---- what a task subclass provides -------------------------------------------------------------------------
+    def check_tokenizer(self, tokenizer: Any) -> Any:
+        """Refuse a tokenizer the task cannot use (a UserError); return the one to use (e.g. reloaded with
+        ``add_prefix_space``)."""
+        return tokenizer
+
     def required_columns(self, split: str) -> list[str]:
         """The raw columns ``encode`` reads from ``split``."""
         raise NotImplementedError
@@ -214,20 +241,35 @@ class TaskDataModule(pl.LightningDataModule):
     def check_encoded(self, split: str, data: Any) -> None:
         """Look at a tokenized split (fresh or from the cache), e.g. to warn about what truncation dropped."""
 
-    def model_kwargs(self) -> dict[str, Any]:
-        """What the task module needs to know about the data (e.g. ``num_labels``, ``id2label``)."""
+    def head_kwargs(self) -> dict[str, Any]:
+        """What the task module needs to know about the prepared data (e.g. ``num_labels``, ``id2label``)."""
         return {}
 
     def preprocessing_settings(self) -> dict[str, Any]:
         """Everything besides the raw data and tokenizer that changes what ``encode`` writes."""
-        return {"max_length": self.max_length}
+        return {"max_length": self.max_length, "columns": self.required_columns("train")}
 
-    def collate(self, features: list[dict]) -> dict:
+    def make_collator(self) -> Any:
+        """The object that pads a list of tokenized rows into a batch (made once, on first use)."""
         from transformers import DataCollatorWithPadding
 
-        if not hasattr(self, "_collator"):
-            self._collator = DataCollatorWithPadding(self.tokenizer, pad_to_multiple_of=self.pad_to_multiple_of)
-        return self._collator(features)
+        return DataCollatorWithPadding(self.tokenizer, pad_to_multiple_of=self.pad_to_multiple_of)
+
+    def collate(self, features: list[dict]) -> dict:
+        """A batch of tokenized rows; a task whose rows carry more than the collator pads overrides this."""
+        return self.collator(features)
+
+    # ---- shared by every task ----------------------------------------------------------------------------------
+    def model_kwargs(self) -> dict[str, Any]:
+        """What the task module is built with: the data is prepared (checked, labels learned, tokenized) first."""
+        self._prepare()
+        return self.head_kwargs()
+
+    @property
+    def collator(self) -> Any:
+        if getattr(self, "_collator", None) is None:
+            self._collator = self.make_collator()
+        return self._collator
 
     # ---- loading -----------------------------------------------------------------------------------------------
     def _local_files(self) -> dict[str, list[Path]]:
@@ -238,8 +280,7 @@ class TaskDataModule(pl.LightningDataModule):
             )
         files = self.data_files
         if not files:  # discover train/validation/test files in data_dir
-            aliases = {"train": ["train"], "validation": ["validation", "valid", "dev", "val"], "test": ["test"]}
-            for split, names in aliases.items():
+            for split, names in SPLIT_NAMES.items():
                 found = sorted(p for n in names for p in root.glob(f"{n}.*") if p.is_file())
                 if found:
                     files[split] = [str(found[0].name)]
@@ -388,9 +429,13 @@ class TaskDataModule(pl.LightningDataModule):
 
     @property
     def preparation(self) -> dict[str, Any]:
-        """What preparing the data cost: rows tokenized here (0 = all from the cache) and the seconds it took."""
-        return {"examples_tokenized": self.examples_tokenized, "tokenize_seconds": round(self.tokenize_seconds, 3),
-                "examples": {split: len(data) for split, data in (self.datasets or {}).items()}}
+        """What preparing the data cost: rows tokenized here (0 = all from the cache) and the seconds it took; and
+        the bad input found, per split and kind (counts)."""
+        out = {"examples_tokenized": self.examples_tokenized, "tokenize_seconds": round(self.tokenize_seconds, 3),
+               "examples": {split: len(data) for split, data in (self.datasets or {}).items()}}
+        counts = {split: {kind: len(found) if isinstance(found, (list, set)) else found
+                          for kind, found in kinds.items()} for split, kinds in self.problems.items() if kinds}
+        return {**out, **({"problems": counts} if counts else {})}
 
     def _cache_file(self, key: str) -> str:
         import datasets

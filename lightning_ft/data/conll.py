@@ -1,16 +1,18 @@
 """A reader for CoNLL-style column files: one token per line, blank lines between sentences, ``-DOCSTART-`` lines
 between documents (CoNLL-2003, WNUT-17, most NER/POS/chunking corpora).
 
-Our own rather than ``datasets``' ``conll`` builder: that one pads or cuts a line with the wrong number of columns
-without a word (a shifted tag column trains silently on garbage) and cannot say which file and line is wrong; this
-one refuses such a line by file and line, and records where each sentence starts for later errors.
+Our own rather than the ``conll`` builder that ``datasets`` ships since 5.0 (``load_dataset("conll", ...)``, and what
+``.conll``/``.conllu`` files load with; the 3.x and 4.x that pyproject allows have none): that one pads or cuts each
+line to its ``column_names`` (by default the token alone) without a word (a shifted tag column trains silently on
+garbage) and cannot say which file and line is wrong; this one refuses such a line by file and line, and records
+where each sentence starts for later errors.
 """
 
 from __future__ import annotations
 
-import gzip
 from pathlib import Path
 
+from lightning_ft.data.base import open_text
 from lightning_ft.errors import UserError
 
 # CoNLL-2003's four columns, named as the Hugging Face `conll2003` dataset names them.
@@ -35,9 +37,8 @@ def iter_sentences(path: str | Path):
     """Yield the sentences of a column file as lists of ``(line number, fields)``; ``-DOCSTART-`` lines and blank
     (or whitespace-only) lines end a sentence. Gzip files (``.gz``) are read transparently."""
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
     current: list[tuple[int, list[str]]] = []
-    with opener(path, "rt", encoding="utf-8") as handle:
+    with open_text(path) as handle:
         for number, line in enumerate(handle, start=1):
             fields = _split(line.strip()) if line.strip() else []
             if not fields or fields[0] == "-DOCSTART-":

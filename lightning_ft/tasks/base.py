@@ -34,6 +34,13 @@ def loss_elements(batch: dict) -> int:
     return int(labels.numel() if labels.is_floating_point() else (labels != -100).sum())
 
 
+def label_maps(id2label: dict[Any, Any]) -> dict[str, Any]:
+    """A classifier head's label settings from an ``id2label`` map, with the keys as ints and the names as strings
+    however they came (JSON and YAML make keys strings): ``num_labels``, ``id2label``, ``label2id``."""
+    clean = {int(k): str(v) for k, v in id2label.items()}
+    return {"num_labels": len(clean), "id2label": clean, "label2id": {v: k for k, v in clean.items()}}
+
+
 def rows_of_rank(total: int, world_size: int, rank: int) -> int:
     """Rows of a ``total``-row split that ``DistributedSampler(shuffle=False)`` gives ``rank`` before padding."""
     return len(range(rank, total, world_size))
@@ -79,7 +86,7 @@ class TaskModule(pl.LightningModule):
     """
 
     auto_class: Any = None  # e.g. transformers.AutoModelForSequenceClassification
-    skip_nonfinite: bool = False  # from trainer.skip_nonfinite: skip a step whose loss is NaN/inf instead of stopping
+    skip_nonfinite: bool = False  # from skip_nonfinite: skip a step whose loss is NaN/inf instead of stopping
     skipped_steps: int = 0
     default_monitor: tuple[str, str] = ("val/loss", "min")
     non_model_keys: tuple[str, ...] = ()  # batch entries the metrics read but the model does not take
@@ -103,10 +110,20 @@ class TaskModule(pl.LightningModule):
         # from_pretrained returns the model in eval mode and Lightning 2.x keeps a submodule's own mode, so without
         # this the whole fine-tuning would run with dropout off.
         self.model.train()
+        # What an evaluation leaves besides metrics, saved by train.py: answers or generations per example id
+        # (predictions_<stage>.json), and a few examples printed in the summary.
+        self.predictions: dict[str, dict[str, Any]] = {}
+        self.examples: dict[str, list[dict[str, Any]]] = {}
         self.metrics = torch.nn.ModuleDict({stage: self.make_metrics(f"{stage}/") for stage in STAGES})
         # The evaluation loss as a corpus mean: each batch's mean loss weighted by the elements it averages,
         # summed over ranks. (self.log's mean of batch means changes with the batching and the number of ranks.)
         self.eval_loss = torch.nn.ModuleDict({stage: MeanMetric() for stage in STAGES})
+
+    @property
+    def data(self) -> Any:
+        """The DataModule this module is trained or evaluated with (Lightning's ``trainer.datamodule``): for tasks
+        whose evaluation reads what the batches do not carry (raw references, the tokenizer)."""
+        return self.trainer.datamodule
 
     # ---- what a task subclass provides -------------------------------------------------------------------------
     def make_metrics(self, prefix: str) -> MetricCollection:
@@ -135,7 +152,7 @@ class TaskModule(pl.LightningModule):
         where = f"step {self.global_step + 1} (epoch {self.current_epoch}, batch {batch_idx})"
         if self.skip_nonfinite:
             self.skipped_steps += 1
-            log.warning("training loss is %s at %s: step skipped (trainer.skip_nonfinite=true; %d skipped so far).",
+            log.warning("training loss is %s at %s: step skipped (skip_nonfinite=true; %d skipped so far).",
                         loss.item(), where, self.skipped_steps)
             return None  # Lightning skips backward and the optimizer step
         saved = [Path(p) for cb in self.trainer.checkpoint_callbacks for p in (cb.best_model_path, cb.last_model_path)
@@ -144,7 +161,7 @@ class TaskModule(pl.LightningModule):
         raise UserError(
             f"the training loss is {loss.item()} at {where}: stopped rather than train on it. Last good checkpoint: "
             f"{last_good or 'none yet'}. Lower optim.lr, keep trainer.gradient_clip_val, try "
-            "trainer.precision=32-true, or set trainer.skip_nonfinite=true to skip such steps."
+            "trainer.precision=32-true, or set skip_nonfinite=true to skip such steps."
         )
 
     def _eval_step(self, stage: str, batch: dict) -> None:

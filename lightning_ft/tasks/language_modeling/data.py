@@ -77,7 +77,6 @@ class LanguageModelingData(TaskDataModule):
         if not 0 < mlm_probability < 1:
             raise UserError(f"dataset.mlm_probability={mlm_probability} must be between 0 and 1 (BERT: 0.15).")
         kwargs.setdefault("group_by_length", packing == "line_by_line")  # packed blocks are all one length
-        super().__init__(max_length=block_size, **kwargs)
         self.objective = objective
         self.text_column = text_column
         self.documents = documents
@@ -88,9 +87,9 @@ class LanguageModelingData(TaskDataModule):
         self.whole_word_mask = whole_word_mask
         self.streaming = streaming
         self.shuffle_buffer = shuffle_buffer
+        super().__init__(max_length=block_size, **kwargs)  # last: a tokenizer given here is checked with the above
 
-    def _check_tokenizer(self) -> None:
-        tokenizer = self.tokenizer
+    def check_tokenizer(self, tokenizer: Any) -> Any:
         if self.objective == "mlm" and tokenizer.mask_token_id is None:
             raise UserError(f"the tokenizer ({type(tokenizer).__name__}) has no mask token, which masked-LM needs: "
                             "use a BERT/RoBERTa-style tokenizer, or train one (backbone.train_tokenizer.algorithm="
@@ -103,6 +102,7 @@ class LanguageModelingData(TaskDataModule):
         if self.block_size > tokenizer.model_max_length:
             log.warning("dataset.block_size=%d is longer than the tokenizer's model_max_length=%d.",
                         self.block_size, tokenizer.model_max_length)
+        return tokenizer
 
     # ---- reading -----------------------------------------------------------------------------------------------
     def read_local(self, split: str, paths: list) -> Any:
@@ -191,9 +191,10 @@ class LanguageModelingData(TaskDataModule):
             )
         log.info("%s: %d blocks of %d tokens", split, len(data), self.block_size)
 
+    def make_collator(self) -> Any:
+        return self._masker()
+
     def collate(self, features: list[dict]) -> dict:
-        if not hasattr(self, "_collator"):
-            self._collator = self._masker()
         if self.objective == "clm" and self.packing == "group_texts":
             # Full blocks, nothing to pad: labels are the inputs (the model shifts them), eos included even where
             # a tokenizer pads with eos (the collator would turn those labels into -100).
@@ -206,12 +207,12 @@ class LanguageModelingData(TaskDataModule):
             width = batch["input_ids"].shape[1]
             batch["labels"] = torch.tensor([row + [-100] * (width - len(row)) for row in labels])
         else:
-            batch = self._collator(features)
+            batch = self.collator(features)
         if self.document_attention == "isolated":
             batch.pop("attention_mask", None)  # position ids carry the documents: transformers masks across them
         return batch
 
-    def model_kwargs(self) -> dict[str, Any]:
+    def head_kwargs(self) -> dict[str, Any]:
         return {"document_attention": self.document_attention}
 
     # ---- streaming ---------------------------------------------------------------------------------------------
@@ -250,8 +251,6 @@ class LanguageModelingData(TaskDataModule):
         return blocks.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer) if split == "train" else blocks
 
     def _prepare(self) -> None:
-        if self.datasets is None:
-            self._check_tokenizer()
         if not self.streaming:
             return super()._prepare()
         if self.datasets is None:

@@ -51,7 +51,6 @@ class LanguageModelingTask(TaskModule):
         self.show_examples = show_examples if objective == "clm" else 0
         self.prompt_tokens = prompt_tokens
         self.sample_tokens = sample_tokens
-        self.examples: dict[str, list[dict]] = {}
         self._prompts: torch.Tensor | None = None  # the first validation blocks, continued after the validation
         if document_attention == "isolated":
             self._check_isolation()
@@ -112,7 +111,7 @@ class LanguageModelingTask(TaskModule):
     def _continuations(self, blocks: torch.Tensor) -> list[dict]:
         """Sampled continuations of each block's first ``prompt_tokens`` tokens (top-k 50, seeded, without
         touching the training random state)."""
-        tokenizer = self.trainer.datamodule.tokenizer
+        tokenizer = self.data.tokenizer
         prompts = blocks[:, : self.prompt_tokens].to(self.device)
         was_training = self.model.training
         self.model.eval()

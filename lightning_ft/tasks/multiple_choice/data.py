@@ -123,8 +123,7 @@ class MultipleChoiceData(TaskDataModule):
         if self.num_choices < 2:
             raise UserError(f"the examples have {self.num_choices} choice: multiple choice needs at least two.")
 
-    def model_kwargs(self) -> dict[str, Any]:
-        self._prepare()
+    def head_kwargs(self) -> dict[str, Any]:
         return {"num_choices": self.num_choices}
 
     # ---- preprocessing -----------------------------------------------------------------------------------------
@@ -151,9 +150,7 @@ class MultipleChoiceData(TaskDataModule):
         out["labels"] = answers
         return out
 
-    def collate(self, features: list[dict]) -> dict:
+    def make_collator(self) -> Any:
         from transformers import DataCollatorForMultipleChoice
 
-        if not hasattr(self, "_collator"):
-            self._collator = DataCollatorForMultipleChoice(self.tokenizer, pad_to_multiple_of=self.pad_to_multiple_of)
-        return self._collator(features)
+        return DataCollatorForMultipleChoice(self.tokenizer, pad_to_multiple_of=self.pad_to_multiple_of)

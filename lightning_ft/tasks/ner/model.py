@@ -10,7 +10,7 @@ from torchmetrics import MetricCollection
 from transformers import AutoModelForTokenClassification
 
 from lightning_ft.metrics.entity import EntityScores, is_entity_scheme
-from lightning_ft.tasks.base import TaskModule
+from lightning_ft.tasks.base import TaskModule, label_maps
 from lightning_ft.tasks.ner.data import IGNORE, first_subtoken_index, require_fast_tokenizer
 
 
@@ -39,12 +39,11 @@ class TokenClassificationTask(TaskModule):
     def __init__(
         self, *, num_labels: int, id2label: dict[int, str], label_column: str = "ner_tags", **kwargs: Any
     ) -> None:
-        self.id2label = {int(k): str(v) for k, v in id2label.items()}
+        head = label_maps(id2label)
+        self.id2label = head["id2label"]
         self.label_column = label_column
         self.entity_mode = is_entity_scheme(list(self.id2label.values()))
-        head = {"num_labels": num_labels, "id2label": self.id2label,
-                "label2id": {v: k for k, v in self.id2label.items()}}
-        super().__init__(model_config=head, **kwargs)
+        super().__init__(model_config={**head, "num_labels": num_labels}, **kwargs)
 
     @property
     def monitor(self) -> tuple[str, str]:
@@ -74,7 +73,7 @@ def tag_sentences(
     require_fast_tokenizer(tokenizer)
     was_training = model.training
     model.eval()
-    id2label = {int(k): v for k, v in model.config.id2label.items()}
+    id2label = label_maps(model.config.id2label)["id2label"]
     tags, lost = [], 0
     device = next(model.parameters()).device
     for start in range(0, len(sentences), batch_size):

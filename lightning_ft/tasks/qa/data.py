@@ -118,7 +118,6 @@ class QuestionAnsweringData(TaskDataModule):
         self.doc_stride = doc_stride
         self.max_question_length = max_question_length
         self.examples: dict[str, Any] = {}  # the raw rows, which post-processing reads (context, id, answers)
-        self.problems: dict[str, dict[str, list[str]]] = {}  # split -> kind of bad input -> example ids
 
     # ---- loading -----------------------------------------------------------------------------------------------
     def read_local(self, split: str, paths: list[Path]) -> Any:
@@ -175,8 +174,7 @@ class QuestionAnsweringData(TaskDataModule):
     # ---- preprocessing -----------------------------------------------------------------------------------------
     def preprocessing_settings(self) -> dict[str, Any]:
         return {**super().preprocessing_settings(), "doc_stride": self.doc_stride,
-                "max_question_length": self.max_question_length,
-                "columns": self.required_columns("train")}
+                "max_question_length": self.max_question_length}
 
     def _questions(self, texts: list[str]) -> tuple[list[str], list[bool]]:
         """The questions as windows take them, cut to ``max_question_length`` tokens, and which were cut."""
@@ -246,11 +244,6 @@ class QuestionAnsweringData(TaskDataModule):
             self.problems.setdefault(split, {})["answer_outside_every_window"] = ids
             log.warning("%s split: %d answers lie in no single window (raise max_length or doc_stride); they train "
                         "as 'no answer': %s", split, len(ids), _ids(ids))
-
-    @property
-    def preparation(self) -> dict[str, Any]:
-        counts = {split: {kind: len(ids) for kind, ids in found.items()} for split, found in self.problems.items()}
-        return {**super().preparation, **({"problems": counts} if any(counts.values()) else {})}
 
     def collate(self, features: list[dict]) -> dict:
         return super().collate([{k: v for k, v in f.items() if k != "offset_mapping"} for f in features])

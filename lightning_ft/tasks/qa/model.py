@@ -95,8 +95,7 @@ class QuestionAnsweringTask(TaskModule):
         self.max_answer_length = max_answer_length
         self.version_2_with_negative = version_2_with_negative
         self.null_score_diff_threshold = null_score_diff_threshold
-        super().__init__(**kwargs)
-        self.predictions: dict[str, dict[str, str]] = {}  # stage -> question id -> answer, of the last evaluation
+        super().__init__(**kwargs)  # self.predictions: stage -> question id -> answer, of the last evaluation
 
     def make_metrics(self, prefix: str) -> SpanCandidates:
         return SpanCandidates(top_k=self.n_best_size)
@@ -108,7 +107,7 @@ class QuestionAnsweringTask(TaskModule):
     def _log_epoch_metrics(self, stage: str) -> None:
         candidates = self.metrics[stage].compute()
         self.metrics[stage].reset()
-        datamodule = self.trainer.datamodule
+        datamodule = self.data
         windows, examples = datamodule.references("validation" if stage == "val" else "test")
         answers = best_answers(
             candidates, windows, examples, id_column=datamodule.id_column, context_column=datamodule.context_column,

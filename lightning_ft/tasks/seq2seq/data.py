@@ -2,26 +2,23 @@
 
 from __future__ import annotations
 
-import gzip
 import logging
 from pathlib import Path
 from typing import Any
 
-from lightning_ft.data.base import TaskDataModule
+from lightning_ft.data.base import SPLIT_NAMES, TaskDataModule, open_text
 from lightning_ft.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-_SPLIT_STEMS = {"train": ["train"], "validation": ["validation", "valid", "val", "dev"], "test": ["test"]}
 
 
 SOURCE_CUT, TARGET_CUT = 1, 2  # bits of the "truncated" column
 
 
 def _read_lines(path: Path) -> list[str]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as handle:
+    with open_text(path) as handle:
         return [line.rstrip("\r\n") for line in handle]
 
 
@@ -61,7 +58,6 @@ class Seq2SeqData(TaskDataModule):
         self.source_prefix = source_prefix
         self.max_source_length = max_source_length
         self.max_target_length = max_target_length
-        self.problems: dict[str, dict[str, int]] = {}  # split -> kind of bad input -> rows
         self._references: dict[str, list[list[str]]] = {}
         self._sources: dict[str, list[str]] = {}
         self._parallel = False
@@ -82,8 +78,8 @@ class Seq2SeqData(TaskDataModule):
         if not any(root.glob(f"*.{self.source_lang}")) and not any(root.glob(f"*.{self.source_lang}.gz")):
             return None
         pairs = {}
-        for split in _SPLIT_STEMS:
-            stems = [self.parallel_files[split]] if split in self.parallel_files else _SPLIT_STEMS[split]
+        for split, names in SPLIT_NAMES.items():
+            stems = [self.parallel_files[split]] if split in self.parallel_files else list(names)
             if split == "test" and split not in self.parallel_files:  # e.g. Multi30k's test_2016_flickr
                 stems = stems + sorted({p.name.split(".")[0] for p in root.glob(f"test*.{self.source_lang}*")})
             for stem in stems:
@@ -206,19 +202,15 @@ class Seq2SeqData(TaskDataModule):
                             "them whole.", count, len(cut), split, kind.split("_")[0], limit,
                             getattr(self, limit))
 
-    @property
-    def preparation(self) -> dict[str, Any]:
-        problems = {split: counts for split, counts in self.problems.items() if counts}
-        return {**super().preparation, **({"problems": problems} if problems else {})}
-
-    def collate(self, features: list[dict]) -> dict:
+    def make_collator(self) -> Any:
         from transformers import DataCollatorForSeq2Seq
 
-        if not hasattr(self, "_collator"):
-            # Labels padded with -100: the loss ignores them (the model turns them into pad for its decoder input).
-            self._collator = DataCollatorForSeq2Seq(self.tokenizer, label_pad_token_id=-100,
-                                                    pad_to_multiple_of=self.pad_to_multiple_of)
-        return self._collator([{k: v for k, v in f.items() if k != "truncated"} for f in features])
+        # Labels padded with -100: the loss ignores them (the model turns them into pad for its decoder input).
+        return DataCollatorForSeq2Seq(self.tokenizer, label_pad_token_id=-100,
+                                      pad_to_multiple_of=self.pad_to_multiple_of)
+
+    def collate(self, features: list[dict]) -> dict:
+        return self.collator([{k: v for k, v in f.items() if k != "truncated"} for f in features])
 
     def references(self, split: str) -> list[list[str]]:
         """Every reference text of each row of ``split``, by row index."""
@@ -229,5 +221,5 @@ class Seq2SeqData(TaskDataModule):
         self._prepare()
         return self._sources[split]
 
-    def model_kwargs(self) -> dict[str, Any]:
+    def head_kwargs(self) -> dict[str, Any]:
         return {"source_prefix": self.source_prefix, "max_source_length": self.max_source_length}

@@ -64,8 +64,7 @@ class Seq2SeqTask(TaskModule):
         self.predict_with_generate = predict_with_generate
         self.show_examples = show_examples
         self.max_source_length = max_source_length
-        self.predictions: dict[str, dict[str, dict]] = {}  # stage -> row index -> source, prediction, references
-        self.examples: dict[str, list[dict]] = {}
+        # self.predictions: stage -> row index -> source, prediction, references; self.examples: the first few
         self._generated: dict[int, str] = {}
         self.generated_length = torch.nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
 
@@ -89,7 +88,7 @@ class Seq2SeqTask(TaskModule):
             keep &= rows < self.val_generate_limit
         if not self._generating(stage) or not keep.any():
             return
-        datamodule = self.trainer.datamodule
+        datamodule = self.data
         split = "validation" if stage == "val" else "test"
         generated = self.generate(batch["input_ids"][keep], batch["attention_mask"][keep])
         texts = [t.strip() for t in datamodule.tokenizer.batch_decode(generated, skip_special_tokens=True)]
@@ -124,7 +123,7 @@ class Seq2SeqTask(TaskModule):
             gathered: list[dict] = [{} for _ in range(self.trainer.world_size)]
             torch.distributed.all_gather_object(gathered, generated)
             generated = {k: v for part in gathered for k, v in part.items()}
-        datamodule = self.trainer.datamodule
+        datamodule = self.data
         split = "validation" if stage == "val" else "test"
         sources, references = datamodule.sources(split), datamodule.references(split)
         self.predictions[stage] = {

@@ -101,9 +101,8 @@ class SimilarityData(TaskDataModule):
                     "(5 for STS-B)."
                 )
 
-    def model_kwargs(self) -> dict[str, Any]:
+    def head_kwargs(self) -> dict[str, Any]:
         """Which evaluation each split gets (and the length limit the export records)."""
-        self._prepare()
         return {
             "scored_eval": {stage: self.scored.get(split, False) for stage, split in (("val", "validation"),
                                                                                        ("test", "test"))},

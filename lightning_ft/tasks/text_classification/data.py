@@ -110,9 +110,8 @@ class TextClassificationData(TaskDataModule):
             return dict(enumerate(self.label_names))
         return {i: str(v) for v, i in self.label2id.items()}
 
-    def model_kwargs(self) -> dict[str, Any]:
+    def head_kwargs(self) -> dict[str, Any]:
         """What the classifier head needs to know about the labels."""
-        self._prepare()
         return {"num_labels": self.num_labels, "id2label": self.id2label, "problem_type": self.problem_type}
 
     def check_split(self, split: str, data: Any) -> None:
@@ -141,7 +140,6 @@ class TextClassificationData(TaskDataModule):
     def preprocessing_settings(self) -> dict[str, Any]:
         return {
             **super().preprocessing_settings(),
-            "columns": self.required_columns("train"),
             "problem_type": self.problem_type,
             "label2id": sorted((str(k), v) for k, v in self.label2id.items()),
             "label_separator": self.label_separator,

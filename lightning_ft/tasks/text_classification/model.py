@@ -16,7 +16,7 @@ from torchmetrics.classification import (
 from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 from transformers import AutoModelForSequenceClassification
 
-from lightning_ft.tasks.base import TaskModule
+from lightning_ft.tasks.base import TaskModule, label_maps
 from lightning_ft.tasks.text_classification.data import MULTI, REGRESSION, SINGLE
 
 
@@ -42,8 +42,7 @@ class TextClassificationTask(TaskModule):
         self.problem_type = problem_type
         self.threshold = threshold
         self.num_labels = num_labels
-        id2label = {int(k): str(v) for k, v in id2label.items()}
-        head = {"num_labels": num_labels, "id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
+        head = {**label_maps(id2label), "num_labels": num_labels}
         super().__init__(model_config={**head, "problem_type": problem_type}, **kwargs)
 
     @property

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from lightning_ft.tasks.base import label_maps
 from lightning_ft.tasks.spec import column_option, option
 from lightning_ft.tasks.text_classification.data import MULTI, REGRESSION
 
@@ -35,7 +36,7 @@ def predict_rows(model: Any, tokenizer: Any, rows: list[dict], *, column: str, p
                          max_length=min(max_length, tokenizer.model_max_length), return_tensors="pt")
     logits = model(**encoding.to(model.device)).logits.float().cpu()
     config = model.config
-    id2label = {int(k): str(v) for k, v in config.id2label.items()}
+    id2label = label_maps(config.id2label)["id2label"]
     if config.problem_type == REGRESSION or (config.problem_type is None and config.num_labels == 1):
         return [{"score": value} for value in logits[:, 0].tolist()]
     if config.problem_type == MULTI:
