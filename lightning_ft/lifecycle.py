@@ -8,6 +8,7 @@ loader skips the batches already seen; and ``TaskModule`` saves and restores the
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -27,8 +28,12 @@ RESUME_CHOICES = (None, False, "auto")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes a checkpoint to a temporary file and renames it into place, so a process killed while saving leaves
-    the previous complete checkpoint, never a truncated one. (Lightning's own save writes the target file directly.)"""
+    """Writes a checkpoint to a temporary file beside the target and renames it into place, so a process killed while
+    saving leaves the previous complete checkpoint, never a truncated one. (Lightning, since 2.4, also saves inside
+    an fsspec transaction, but fsspec stages a local file in the system temp directory, ``tempfile.mkstemp()`` with
+    no ``dir``, and moves it into place on commit: where ``$TMPDIR`` is another filesystem than the run directory, as
+    on most clusters, that move is a copy onto the target, which a kill can cut short, and a small ``$TMPDIR`` fails
+    the save. A temporary file beside the target makes ``os.replace`` a rename within one filesystem: atomic.)"""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         target = str(path)
@@ -236,3 +241,42 @@ class CSVLogger(LightningCSVLogger):
                 out.writerows(kept)
             writer.metrics_keys = sorted(fields)
         return writer
+
+
+# ---- loggers across a resume -------------------------------------------------------------------------------------
+LOGGER_RUN_KEYS = {"WandbLogger": "id", "MLFlowLogger": "run_id"}  # the argument that reopens a logger's run
+
+
+def build_loggers(nodes: Any, run_dir: Path, resume_step: int | None) -> list[tuple[str, Any]]:
+    """The loggers configured in ``nodes`` (the ``logger`` group: name -> config); on a resume, wandb and MLflow
+    reopen the run they logged to before, and the CSV log keeps the rows logged before the checkpoint's step."""
+    from hydra.utils import instantiate
+
+    saved_path = run_dir / "logger_runs.json"
+    resuming = resume_step is not None
+    saved = json.loads(saved_path.read_text()) if resuming and saved_path.is_file() else {}
+    loggers = []
+    for name, node in (nodes or {}).items():
+        if node is None:
+            continue
+        kind = str(node.get("_target_", "")).rsplit(".", 1)[-1]
+        extra = {LOGGER_RUN_KEYS[kind]: saved[name]} if kind in LOGGER_RUN_KEYS and saved.get(name) else {}
+        if extra and kind == "WandbLogger":
+            extra["resume"] = "allow"
+        if resuming and str(node.get("_target_")) == "lightning_ft.lifecycle.CSVLogger":
+            extra["keep_until_step"] = resume_step
+        loggers.append((name, instantiate(node, **extra)))
+    return loggers
+
+
+def save_logger_runs(loggers: list[tuple[str, Any]], run_dir: Path) -> None:
+    """Record the wandb/MLflow run ids, so that a resume logs into the same runs."""
+    runs = {}
+    for name, logger in loggers:
+        kind = type(logger).__name__
+        if kind == "WandbLogger":
+            runs[name] = logger.experiment.id
+        elif kind == "MLFlowLogger":
+            runs[name] = logger.run_id
+    if runs:
+        (run_dir / "logger_runs.json").write_text(json.dumps(runs, indent=2))

@@ -178,3 +178,74 @@ def save_environment(run_dir: Path, argv: list[str] | None = None, write: bool =
     if write:
         (run_dir / "environment.json").write_text(json.dumps(info, indent=2))
     return info
+
+
+def print_summary(results: dict[str, Any], run_dir: Path) -> None:
+    """The run's results on the console: metrics (per-type tables for stage/type/name metrics), example
+    generations, throughput, data preparation and problems, where the export and the report are."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"lightning_ft results ({run_dir})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    before = results.get("before_training", {})
+    if before:
+        table.add_column("before training", justify="right")
+    # Metrics named stage/group/name (e.g. test/PER/f1, one per entity type) get a table of their own.
+    grouped: dict[str, dict[str, dict[str, float]]] = {}
+    for section in ("validation", "test"):
+        for name, value in sorted(results.get(section, {}).items()):
+            parts = name.split("/")
+            if len(parts) == 3:
+                grouped.setdefault(parts[0], {}).setdefault(parts[1], {})[parts[2]] = value
+            else:
+                table.add_row(name, f"{value:.4f}", *([f"{before[name]:.4f}" if name in before else ""] * bool(before)))
+    if results.get("best_score") is not None:
+        table.add_row(f"best {results['monitor']}", f"{results['best_score']:.4f}")
+    console.print(table)
+    for stage, groups in grouped.items():
+        order = ["precision", "recall", "f1", "support"]
+        columns = sorted({c for values in groups.values() for c in values}, key=lambda c: (c not in order,
+                         order.index(c) if c in order else 0, c))
+        per_group = Table(title=f"{stage} per type")
+        per_group.add_column("type")
+        for column in columns:
+            per_group.add_column(column, justify="right")
+        for group, values in groups.items():
+            cells = [f"{values[c]:.0f}" if c == "support" else f"{values[c]:.4f}" for c in columns if c in values]
+            per_group.add_row(group, *cells)
+        console.print(per_group)
+    for stage, examples in results.get("examples", {}).items():
+        shown = Table(title=f"{stage}: example generations", show_lines=True)
+        for column in ("row", "source", "prediction", "reference"):
+            shown.add_column(column)
+        for example in examples:
+            cells = (example["source"], example["prediction"], example["references"][0])
+            shown.add_row(str(example["row"]), *(c if len(c) <= 200 else c[:197] + "..." for c in cells))
+        console.print(shown)
+    speed = results.get("throughput")
+    if speed:
+        console.print(
+            f"Training: {speed['samples']:.0f} samples in {speed['train_seconds']:.1f} s, "
+            f"{speed['samples_per_sec']:.1f} samples/s, {speed['tokens_per_sec']:.0f} real tokens/s "
+            f"({results['precision']}); padding {speed['padding']:.1%}, waiting for data {speed['data_wait']:.1%}"
+            + (f", MFU {speed['mfu']:.1%}" if "mfu" in speed else "")
+            + f"; first step {speed['seconds_to_first_step']:.1f} s after start-up."
+        )
+    data = results.get("data")
+    if data and data.get("streaming"):
+        console.print("Data: streamed, tokenized while training.")
+    elif data:
+        done = (f"tokenized {data['examples_tokenized']} rows" if data["examples_tokenized"]
+                else "read the tokenized splits from the cache")
+        console.print(f"Data: {done} in {data['tokenize_seconds']:.1f} s.")
+        for split, counts in data.get("problems", {}).items():
+            found = ", ".join(f"{count} {kind.replace('_', ' ')}" for kind, count in counts.items())
+            console.print(f"Data problems in {split} (details in the log above): {found}.")
+    if results.get("skipped_nonfinite_steps"):
+        console.print(f"Skipped {results['skipped_nonfinite_steps']} steps whose loss was not finite.")
+    if results.get("export_dir"):
+        console.print(f"Hugging Face model: {results['export_dir']}")
+    console.print(f"Report: {results['report']}")

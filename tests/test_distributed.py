@@ -11,7 +11,8 @@ from cli import run_cli
 from conftest import QUICK, ROOT, compose_config
 
 from lightning_ft.errors import UserError
-from lightning_ft.train import DATA_READY, _launch_id, train, wait_for_rank_zero_data
+from lightning_ft.launch import DATA_READY, _launch_id, wait_for_rank_zero_data
+from lightning_ft.train import train
 
 
 def _odd_sized_copy(task: str, folder):

@@ -192,7 +192,7 @@ def test_a_non_finite_loss_stops_naming_the_step_or_is_skipped_when_asked(data_d
         train_run(quick(data_dir, tmp_path / "a", *nan_at_3))
     assert f"Last good checkpoint: {tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}" in str(stop.value)
 
-    train_run(quick(data_dir, tmp_path / "b", *nan_at_3, "trainer.skip_nonfinite=true"))
+    train_run(quick(data_dir, tmp_path / "b", *nan_at_3, "skip_nonfinite=true"))
     metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert metrics["skipped_nonfinite_steps"] == 1
     assert all(v == v for v in metrics["validation"].values())  # no NaN reached the weights
