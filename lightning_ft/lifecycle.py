@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import signal
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +60,17 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise UserError(f"ckpt_path '{path}' does not exist (resolved to {path.resolve()}): give the path of a .ckpt "
                         "file, e.g. <run dir>/checkpoints/last.ckpt, or resume=auto with run_dir=<run dir>.")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        # weights_only: a checkpoint is data. Unpickling anything else could run code the file carries.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        if "weights_only" not in str(err).lower().replace(" ", "_"):
+            raise UserError(f"checkpoint '{path}' cannot be read, it is truncated or not a checkpoint "
+                            f"({type(err).__name__}): give another checkpoint (with training, resume=auto takes the "
+                            "newest good one of run_dir).") from err
+        found = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line or "global" in line), "")
+        raise UserError(f"checkpoint '{path}' holds more than tensors and plain data ({found or 'pickled objects'}), "
+                        "so it is refused: lightning_ft loads checkpoints with weights_only=True and never runs code "
+                        "from one. Give a checkpoint written by lightning_ft, or re-save only its state_dict.") from err
     except Exception as err:  # torch raises many types for a truncated or foreign file
         raise UserError(f"checkpoint '{path}' cannot be read, it is truncated or not a checkpoint "
                         f"({type(err).__name__}): give another checkpoint (with training, resume=auto takes the newest "
@@ -119,6 +131,8 @@ def weights_that_do_not_fit(expected: dict[str, Any], found: dict[str, Any]) -> 
 
 # Signals that ask for a checkpoint and, inside a SLURM job, a requeue (SIGTERM only asks for the checkpoint).
 REQUEUE_SIGNALS = tuple(getattr(signal, name) for name in ("SIGUSR1", "SIGUSR2") if hasattr(signal, name))
+# Ctrl-C: the checkpoint too, as SIGTERM; a second Ctrl-C stops at once.
+HANDLED_SIGNALS = (*REQUEUE_SIGNALS, signal.SIGINT)
 
 
 class Preempted(Exception):
@@ -131,8 +145,8 @@ class Preempted(Exception):
 
 class PreemptionCheckpoint(pl.Callback):
     """On SIGTERM, SIGUSR1 or SIGUSR2 (what schedulers send before they stop a job: SLURM's ``--signal``, submitit's
-    USR2), finish the current training step, write ``last.ckpt`` and stop, so that ``resume=auto`` continues from
-    that very step. Inside a SLURM job, SIGUSR1/SIGUSR2 also requeue the job: through submitit's own handler when
+    USR2), or SIGINT (Ctrl-C), finish the current training step, write ``last.ckpt`` and stop, so that
+    ``resume=auto`` continues from that very step; a second Ctrl-C stops at once, without the checkpoint. Inside a SLURM job, SIGUSR1/SIGUSR2 also requeue the job: through submitit's own handler when
     submitit runs the job (it resubmits the same call), else with ``scontrol requeue``. (Lightning's SLURM
     auto-requeue is turned off by train.py: it saves from inside the signal handler, in the middle of a step.)"""
 
@@ -143,11 +157,16 @@ class PreemptionCheckpoint(pl.Callback):
         self._previous: dict[int, Any] = {}
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now
         self.received = signum
+        if signum == signal.SIGINT:
+            print("\nCtrl-C: finishing this step and saving last.ckpt (Ctrl-C again stops at once, without it).",
+                  file=sys.stderr, flush=True)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Installed here, after Lightning's own handlers (which put back what they found on teardown).
-        for signum in REQUEUE_SIGNALS:
+        for signum in HANDLED_SIGNALS:
             self._previous[signum] = signal.signal(signum, self._on_signal)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

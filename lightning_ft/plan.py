@@ -79,10 +79,13 @@ def with_values(cfg: DictConfig, **values: Any) -> DictConfig:
 def plan_run(cfg: DictConfig, command: list[str] | None = None, rank: int = 0) -> tuple[RunPlan, dict | None]:
     """The run's plan, and the contents of the checkpoint it resumes or evaluates (read once, memory-mapped), or a
     UserError naming the setting at fault. Nothing is written."""
+    from lightning_ft.rundir import settle_run_dir
     from lightning_ft.throughput import resolve_precision
 
+    ckpt_path, checkpoint = checkpoint_to_use(cfg, Path(cfg.run_dir))
     run_dir = Path(cfg.run_dir)
-    ckpt_path, checkpoint = checkpoint_to_use(cfg, run_dir)
+    if rank == 0:  # the other ranks work in rank 0's directory
+        run_dir = settle_run_dir(run_dir, train=bool(cfg.train), resume=cfg.get("resume"), ckpt_path=ckpt_path)
     check_devices(cfg.trainer)
     plan = RunPlan(
         run_dir=run_dir, rank=rank, seed=int(cfg.seed), train=bool(cfg.train), test=bool(cfg.test),

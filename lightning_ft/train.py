@@ -96,17 +96,28 @@ def _checkpoint_tokenizer(saved: dict[str, Any] | None) -> Path | None:
 def train(cfg: DictConfig, command: list[str] | None = None) -> float | None:
     """Run one training job; returns the best value of the monitored metric (what a sweep optimizes).
     ``command``: the command line to record (default ``sys.argv``)."""
+    from lightning_ft.launch import launch_rank
+    from lightning_ft.plan import plan_run
+    from lightning_ft.rundir import RunDirLock
+
+    # 1. The plan, before anything is written: a bad ckpt_path or trainer leaves no run directory.
+    plan, saved_checkpoint = plan_run(cfg, command, rank=launch_rank())
+    lock = RunDirLock(plan.run_dir).acquire() if plan.writer else None  # a second run into it is refused
+    try:
+        return _run(cfg, plan, saved_checkpoint)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(cfg: DictConfig, plan: Any, saved_checkpoint: dict[str, Any] | None) -> float | None:
+    """The run itself, once its plan is settled and its directory is this run's."""
     import pytorch_lightning as pl
     import torch
     from hydra.utils import instantiate
 
     from lightning_ft import tasks
-    from lightning_ft.launch import (
-        cluster_environment,
-        launch_rank,
-        mark_data_ready,
-        wait_for_rank_zero_data,
-    )
+    from lightning_ft.launch import cluster_environment, mark_data_ready, wait_for_rank_zero_data
     from lightning_ft.lifecycle import (
         AtomicCheckpointIO,
         PreemptionCheckpoint,
@@ -114,13 +125,11 @@ def train(cfg: DictConfig, command: list[str] | None = None) -> float | None:
         check_checkpoint_fits,
         save_logger_runs,
     )
-    from lightning_ft.plan import check_sweep_direction, plan_run
+    from lightning_ft.plan import check_sweep_direction
     from lightning_ft.report import RunRecord, print_summary, save_environment, write_report
     from lightning_ft.throughput import ThroughputMonitor
 
-    # 1. The plan, before anything is written: a bad ckpt_path or trainer leaves no run directory.
-    plan, saved_checkpoint = plan_run(cfg, command, rank=launch_rank())
-    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    command = plan.command
     pl.seed_everything(plan.seed, workers=True)
 
     # 2. Data: rank 0 checks and tokenizes (or reads the cache) before any model; the other ranks read its cache.
@@ -176,7 +185,7 @@ def train(cfg: DictConfig, command: list[str] | None = None) -> float | None:
     if plan.train:
         if trainer.is_global_zero:
             save_logger_runs(loggers, plan.run_dir)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=plan.ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=plan.ckpt_path, weights_only=True)
         if module.skipped_steps:
             results["skipped_nonfinite_steps"] = module.skipped_steps
         throughput = next((cb for cb in trainer.callbacks if isinstance(cb, ThroughputMonitor)), None)
@@ -185,7 +194,7 @@ def train(cfg: DictConfig, command: list[str] | None = None) -> float | None:
     best_path = checkpoint.best_model_path if checkpoint and checkpoint.best_model_path else None
     weights = best_path if plan.train else plan.ckpt_path
     if weights:  # test and export the best weights, not the last ones
-        module.load_state_dict(torch.load(weights, map_location="cpu", weights_only=False)["state_dict"])
+        module.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True)["state_dict"])
     results["best_model_path"] = best_path
     if plan.train:
         results.update(_best_of(checkpoint, record, plan.monitor))
