@@ -146,9 +146,10 @@ class Preempted(Exception):
 class PreemptionCheckpoint(pl.Callback):
     """On SIGTERM, SIGUSR1 or SIGUSR2 (what schedulers send before they stop a job: SLURM's ``--signal``, submitit's
     USR2), or SIGINT (Ctrl-C), finish the current training step, write ``last.ckpt`` and stop, so that
-    ``resume=auto`` continues from that very step; a second Ctrl-C stops at once, without the checkpoint. Inside a SLURM job, SIGUSR1/SIGUSR2 also requeue the job: through submitit's own handler when
-    submitit runs the job (it resubmits the same call), else with ``scontrol requeue``. (Lightning's SLURM
-    auto-requeue is turned off by train.py: it saves from inside the signal handler, in the middle of a step.)"""
+    ``resume=auto`` continues from that very step; a second Ctrl-C stops at once, without the checkpoint. Inside
+    a SLURM job, SIGUSR1/SIGUSR2 also requeue the job: through submitit's own handler when submitit runs the job
+    (it resubmits the same call), else with ``scontrol requeue``. (Lightning's SLURM auto-requeue is turned off
+    by train.py: it saves from inside the signal handler, in the middle of a step.)"""
 
     def __init__(self, dirpath: str) -> None:
         self.dirpath = Path(dirpath)
@@ -227,6 +228,25 @@ class PreemptionCheckpoint(pl.Callback):
         self._put_back_handler()  # Lightning does not call teardown hooks after an exception
         if self.pending is not None and exception is not self.pending:
             log.warning("%s", self.pending)
+
+
+class MonitorCheck(pl.Callback):
+    """After the sanity-check validation, before the first training step: the monitored metric must be one that the
+    task logs, or the run would train a whole epoch and then fail without a checkpoint."""
+
+    def __init__(self, monitor: str) -> None:
+        self.monitor = monitor
+
+    def on_sanity_check_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import difflib
+
+        logged = sorted(k for k in trainer.callback_metrics if k.startswith("val/"))
+        if logged and self.monitor not in trainer.callback_metrics:
+            close = [n for n in logged if n.startswith(self.monitor)] or \
+                difflib.get_close_matches(self.monitor, logged, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise UserError(f"monitor={self.monitor} is not a metric this task logs{hint}: it logs "
+                            f"{', '.join(logged)}; set monitor= to one of them.")
 
 
 class CSVLogger(LightningCSVLogger):

@@ -82,6 +82,7 @@ def plan_run(cfg: DictConfig, command: list[str] | None = None, rank: int = 0) -
     from lightning_ft.rundir import settle_run_dir
     from lightning_ft.throughput import resolve_precision
 
+    check_values(cfg)
     ckpt_path, checkpoint = checkpoint_to_use(cfg, Path(cfg.run_dir))
     run_dir = Path(cfg.run_dir)
     if rank == 0:  # the other ranks work in rank 0's directory
@@ -96,6 +97,60 @@ def plan_run(cfg: DictConfig, command: list[str] | None = None, rank: int = 0) -
         monitor=cfg.get("monitor"), monitor_mode=cfg.get("monitor_mode"),
     )
     return plan, checkpoint
+
+
+# Values the config must hold, checked before any data is read: (dotted key, type, smallest value, what it means).
+# A missing key (another optimizer, a dataset without it) is not checked.
+VALUE_RULES: tuple[tuple[str, type, float | None, str], ...] = (
+    ("seed", int, 0, "the random seed"),
+    ("trainer.max_epochs", int, -1, "epochs to train (-1: until trainer.max_steps)"),
+    ("trainer.max_steps", int, -1, "optimizer steps to train (-1: no limit)"),
+    ("trainer.accumulate_grad_batches", int, 1, "batches per optimizer step"),
+    ("trainer.gradient_clip_val", float, 0, "the gradient-norm limit (0 or null: none)"),
+    ("optim.lr", float, None, "the learning rate"),
+    ("optim.weight_decay", float, 0, "the weight decay"),
+    ("dataset.batch_size", int, 1, "training rows per batch"),
+    ("dataset.eval_batch_size", int, 1, "evaluation rows per batch"),
+    ("dataset.max_length", int, 1, "tokens kept of each example"),
+    ("dataset.max_train_examples", int, 1, "training rows used"),
+    ("dataset.max_eval_examples", int, 1, "evaluation rows used"),
+)
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Refuse, in one sentence naming the key, a value of the wrong type or range, or a key nothing reads."""
+    for key, kind, smallest, meaning in VALUE_RULES:
+        try:
+            value = OmegaConf.select(cfg, key, throw_on_missing=True)
+        except Exception as err:  # MissingMandatoryValue, an interpolation that does not resolve
+            raise UserError(f"{key} has no value ({type(err).__name__}): give it one, e.g. {key}=<{meaning}>.") \
+                from err
+        if value is None:
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or (kind is int and not isinstance(value, int)):
+            wanted, example = ("a whole number", 1) if kind is int else ("a number", 0.0001)
+            raise UserError(f"{key}={value!r} is not {wanted} ({meaning}): give e.g. {key}={example}.")
+        if smallest is not None and value < smallest:
+            raise UserError(f"{key}={value} is below {smallest:g} ({meaning}): give {smallest:g} or more.")
+        if key == "optim.lr" and value <= 0:
+            raise UserError(f"optim.lr={value} trains nothing: give a positive learning rate, e.g. optim.lr=5e-5.")
+    if cfg.get("train") and OmegaConf.select(cfg, "trainer.max_epochs") == 0 and \
+            (OmegaConf.select(cfg, "trainer.max_steps") or -1) < 0:
+        raise UserError("trainer.max_epochs=0 trains nothing and would export the untrained model: give 1 or more, "
+                        "or train=false with ckpt_path= to evaluate a checkpoint.")
+    from lightning_ft.paths import config_dir
+
+    groups = {p.name for p in config_dir().iterdir() if p.is_dir()} | {"hydra"}
+    known = (set(OmegaConf.load(config_dir() / "train.yaml")) - {"defaults"}) | groups
+    unknown = sorted(k for k in cfg if k not in known)
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise UserError(f"'{unknown[0]}' is not a key lightning_ft reads{hint}: drop +{unknown[0]}=..., or set one "
+                        "of the config's keys (python -m lightning_ft.train --cfg job lists them).")
 
 
 def checkpoint_to_use(cfg: DictConfig, run_dir: Path) -> tuple[str | None, dict[str, Any] | None]:

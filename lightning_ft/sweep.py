@@ -85,13 +85,29 @@ class CheckSweep(Callback):
             sys.exit(2)
 
 
+FAILED = "failed.json"  # a job that failed writes its error here, and the sweep goes on with the next job
+
+
+def record_failure(run_dir: str | Path, error: BaseException) -> None:
+    """A sweep job's failure, for the summary (the job's own log has the details)."""
+    folder = Path(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / FAILED).write_text(json.dumps({"error": f"{type(error).__name__}: {error}"}, indent=2))
+
+
 class SweepSummary(Callback):
-    """Writes the sweep's summary table and plot when the sweep ends."""
+    """Writes the sweep's summary table and plot when the sweep ends; exits non-zero when a job failed."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        written = write_summary(Path(str(config.hydra.sweep.dir)))
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        written = write_summary(sweep_dir)
         if written:
             log.info("Sweep summary: %s", written)
+        failed = [run for run in (collect_runs(sweep_dir) if sweep_dir.is_dir() else []) if run["status"] == "failed"]
+        if failed:
+            print(f"error: {len(failed)} of the sweep's jobs failed ({', '.join(r['job'] for r in failed)}): see "
+                  f"{written or sweep_dir} and each job's failed.json and log.", file=sys.stderr)
+            sys.exit(1)
 
 
 # ---- the summary --------------------------------------------------------------------------------------------------
@@ -114,9 +130,11 @@ def collect_runs(sweep_dir: Path) -> list[dict[str, Any]]:
             overrides[key.lstrip("+~")] = _value(value)
         metrics_path = job / "metrics.json"
         metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+        failure = json.loads((job / FAILED).read_text()) if (job / FAILED).is_file() else None
+        status = "failed: " + failure["error"][:80] if failure else "done" if metrics else "no result"
         runs.append({"job": job.name, "overrides": overrides, "monitor": metrics.get("monitor"),
                      "best": metrics.get("best_score"), "epoch": metrics.get("best_epoch"), "run_dir": str(job),
-                     "status": "done" if metrics else "no result"})
+                     "status": "failed" if failure else status, "error": failure["error"] if failure else None})
     return runs
 
 
@@ -142,8 +160,8 @@ def write_summary(sweep_dir: Path, mode: str | None = None) -> Path | None:
     monitor = next((run["monitor"] for run in runs if run["monitor"]), "metric")
     mode = mode or _mode_of(sweep_dir)
     header = ["job", *keys, f"best {monitor}", "epoch", "status", "run_dir"]
-    table = [[run["job"], *(run["overrides"].get(k, "") for k in keys), run["best"], run["epoch"], run["status"],
-              run["run_dir"]] for run in runs]
+    table = [[run["job"], *(run["overrides"].get(k, "") for k in keys), run["best"], run["epoch"],
+              f"failed ({run['error'][:100]})" if run.get("error") else run["status"], run["run_dir"]] for run in runs]
     with (sweep_dir / "summary.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)

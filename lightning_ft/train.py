@@ -120,6 +120,7 @@ def _run(cfg: DictConfig, plan: Any, saved_checkpoint: dict[str, Any] | None) ->
     from lightning_ft.launch import cluster_environment, mark_data_ready, wait_for_rank_zero_data
     from lightning_ft.lifecycle import (
         AtomicCheckpointIO,
+        MonitorCheck,
         PreemptionCheckpoint,
         build_loggers,
         check_checkpoint_fits,
@@ -168,7 +169,8 @@ def _run(cfg: DictConfig, plan: Any, saved_checkpoint: dict[str, Any] | None) ->
 
     # 4. The Trainer.
     record = RunRecord()
-    callbacks = [*_build(resolved.get("callbacks")), record, PreemptionCheckpoint(str(plan.run_dir / "checkpoints"))]
+    callbacks = [*_build(resolved.get("callbacks")), record, PreemptionCheckpoint(str(plan.run_dir / "checkpoints")),
+                 MonitorCheck(plan.monitor)]
     loggers = build_loggers(resolved.get("logger"), plan.run_dir, plan.resume_step)
     trainer = instantiate(resolved.trainer, callbacks=callbacks, logger=[lg for _, lg in loggers] or False,
                           plugins=[AtomicCheckpointIO(), *cluster_environment()])
@@ -253,10 +255,6 @@ def main(cfg: DictConfig) -> float | None:
     launcher_env = launcher_environment()
     try:
         return train(cfg, command)
-    except UserError as err:
-        log.error("%s", err)
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
     except Preempted as stop:
         log.warning("%s", stop)
         sys.exit(128 + stop.signum)
@@ -264,6 +262,20 @@ def main(cfg: DictConfig) -> float | None:
         log.warning("stopped on SIGTERM; resume=auto continues from the newest checkpoint in %s.",
                     Path(run_dir) / "checkpoints")
         sys.exit(128 + 15)
+    except Exception as err:
+        if not multirun:
+            if isinstance(err, UserError):
+                log.error("%s", err)
+                print(f"error: {err}", file=sys.stderr)
+                sys.exit(2)
+            raise
+        # A sweep goes on past a failing job: it is recorded for the summary, and the sweep exits non-zero at its end.
+        from lightning_ft.sweep import record_failure
+
+        log.error("this job failed, the sweep goes on: %s", err, exc_info=not isinstance(err, UserError))
+        print(f"error: {err}", file=sys.stderr)
+        record_failure(run_dir, err)
+        return float("nan")  # what an Optuna sweep takes as a failed trial
     finally:
         sys.argv = original
         end_distributed_job(launcher_env)

@@ -196,3 +196,41 @@ def test_a_second_ctrl_c_stops_at_once(data_dir, tmp_path):
         os.environ["PYTHONPATH"] = env_path
     assert done.returncode not in (0, 130), done.stderr[-2000:]
     assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+
+
+# ---- bad values fail before any work, naming the key --------------------------------------------------------------
+@pytest.mark.parametrize(("override", "message"), [
+    ("trainer.max_epochs=abc", "trainer.max_epochs='abc' is not a whole number"),
+    ("optim.lr=-1", "optim.lr=-1 trains nothing: give a positive learning rate"),
+    ("optim.lr=fast", "optim.lr='fast' is not a number"),
+    ("dataset.batch_size=0", "dataset.batch_size=0 is below 1"),
+    ("seed=abc", "seed='abc' is not a whole number"),
+    ("dataset.max_length=-1", "dataset.max_length=-1 is below 1"),
+    ("dataset.max_length=0", "dataset.max_length=0 is below 1"),
+    ("trainer.max_epochs=0", "trainer.max_epochs=0 trains nothing and would export the untrained model"),
+    ("+foo=1", "'foo' is not a key lightning_ft reads"),
+    ("+monitr=val/accuracy", "'monitr' is not a key lightning_ft reads \\(did you mean monitor\\?\\)"),
+])
+def test_a_bad_value_is_refused_before_any_work_naming_the_key(override, message, data_dir, tmp_path):
+    with pytest.raises(UserError, match=message):
+        train(quick(data_dir, tmp_path / "run", override))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_monitor_the_task_does_not_log_is_refused_before_the_first_step(data_dir, tmp_path):
+    with pytest.raises(UserError, match="monitor=val/acc is not a metric this task logs \\(did you mean "
+                                        "val/accuracy\\?\\): it logs .*val/f1_macro"):
+        train(quick(data_dir, tmp_path / "run", "monitor=val/acc", "monitor_mode=max"))
+    assert not (tmp_path / "run" / "checkpoints").exists()  # not an epoch trained
+
+
+# ---- a sweep goes on past a failing job ---------------------------------------------------------------------------
+def test_a_sweep_goes_on_past_a_failing_job_and_exits_non_zero(data_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    done = run_cli(["-m", *args(data_dir, "test=false", "export=false"), "optim.lr=-1,1e-4",
+                    f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "1 of the sweep's jobs failed (0)" in done.stderr
+    rows = (sweep / "summary.csv").read_text().splitlines()
+    assert len(rows) == 3 and "failed (UserError: optim.lr=-1 trains nothing" in rows[1] and ",done," in rows[2]
+    assert (sweep / "1" / "metrics.json").is_file() and (sweep / "0" / "failed.json").is_file()
