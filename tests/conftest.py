@@ -1,4 +1,5 @@
-"""Shared fixtures: offline mode, an isolated datasets cache, tiny models, and composing the shipped configs."""
+"""Shared fixtures: offline mode, an isolated datasets cache, tiny models, composing the shipped configs, and the
+real datasets in ../shared/data (tests that read them skip where they are absent; on CI such a skip fails the run)."""
 
 import os
 import tempfile
@@ -19,6 +20,12 @@ from lightning_ft.config import register_resolvers  # noqa: E402
 from lightning_ft.paths import config_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+# The real datasets, outside the project: CI has them at ../shared/data next to the clone, a plain clone does not.
+# LFT_SHARED_DATA points the tests at another copy (the same folder layout: glue_sst2/, conll2003/, ...).
+SHARED_DEFAULT = ROOT.parent / "shared" / "data"
+_SHARED_OVERRIDE = os.environ.get("LFT_SHARED_DATA")
+SHARED = Path(_SHARED_OVERRIDE).expanduser().resolve() if _SHARED_OVERRIDE else SHARED_DEFAULT
+SHARED_SKIP = "(the real datasets; absent in a plain clone)"  # ends every skip reason for missing real data
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
 # Fast settings for runs that only check the plumbing.
@@ -36,6 +43,57 @@ def compose_config(overrides: list[str], run_dir: Path):
     with open_dict(cfg):
         del cfg["hydra"]  # the app itself never sees this node
     return cfg
+
+
+def needs_shared(folder: str | Path) -> Path:
+    """``SHARED / folder`` (an absolute path is returned as it is); skips the test, naming the folder, when that
+    real-data folder is not on this machine. As a marker, ``@pytest.mark.needs_shared("conll2003", ...)`` skips
+    before any fixture is built."""
+    path = SHARED / folder
+    if path.is_relative_to(SHARED) and not path.is_dir():
+        where = SHARED if _SHARED_OVERRIDE else "../shared/data"
+        pytest.skip(f"needs {where}/{path.relative_to(SHARED)} {SHARED_SKIP}")
+    return path
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    for mark in item.iter_markers("needs_shared"):
+        for folder in mark.args:
+            needs_shared(folder)
+
+
+# The CI guard: tests skipped for missing real data (recorded from every report, so it also sees xdist workers').
+_skipped_for_shared: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and SHARED_SKIP in str(report.longrepr):
+        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _skipped_for_shared.append(f"{report.nodeid}: {reason.removeprefix('Skipped: ')}")
+
+
+def _shared_skips_fail() -> bool:
+    """On CI (``CI=true``) with the real datasets on the machine, no test may skip for want of them: a folder is
+    missing from the copy, or a test looks in the wrong place."""
+    on_ci = os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+    return bool(_skipped_for_shared) and on_ci and (SHARED_DEFAULT.is_dir() or SHARED.is_dir())
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _shared_skips_fail() and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _shared_skips_fail():
+        terminalreporter.section("real data skipped on CI", red=True, bold=True)
+        where = SHARED_DEFAULT if SHARED_DEFAULT.is_dir() else SHARED
+        terminalreporter.write_line(f"CI=true and the real datasets are on this machine ({where}), yet "
+                                    f"{len(_skipped_for_shared)} test(s) skipped for want of them: the run fails.",
+                                    red=True)
+        for line in _skipped_for_shared:
+            terminalreporter.write_line(f"  {line}")
 
 
 @pytest.fixture(scope="session")

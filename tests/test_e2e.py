@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 from cli import run_cli
-from conftest import ROOT
+from conftest import ROOT, SHARED
 
 
 @pytest.mark.slow
@@ -62,6 +62,7 @@ def test_non_editable_install_ships_configs_and_samples(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.needs_shared("conll2003")
 def test_ner_with_minilm_learns_conll_entities_and_its_export_tags_like_the_module(tmp_path):
     from transformers import AutoTokenizer, pipeline
 
@@ -70,7 +71,7 @@ def test_ner_with_minilm_learns_conll_entities_and_its_export_tags_like_the_modu
     from lightning_ft.tasks.ner import TokenClassificationTask
     from lightning_ft.tasks.ner.predict import split_words
 
-    conll = ROOT.parent / "shared" / "data" / "conll2003"
+    conll = SHARED / "conll2003"
     result = run_cli(["task=ner", "dataset=conll2003", f"dataset.data_dir={conll}", "dataset.label_all_tokens=true",
                       "+dataset.max_train_examples=2000", "+dataset.max_eval_examples=500", "dataset.batch_size=16",
                       "dataset.group_by_length=true", "trainer.max_epochs=1"], tmp_path)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MINILM, QUICK, TINY, compose_config
+from conftest import MINILM, QUICK, SHARED, TINY, compose_config
 
 from lightning_ft.backbones import load_tokenizer
 from lightning_ft.data.conll import read_conll
@@ -93,8 +93,9 @@ def test_reader_rejects_an_empty_file_and_a_one_column_file(tmp_path):
         read_conll(write(tmp_path / "one.txt", "word\n"))
 
 
+@pytest.mark.needs_shared("conll2003", "wnut17")
 def test_the_real_conll2003_and_wnut17_files_read_with_their_published_counts():
-    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
+    shared = SHARED
     train = read_conll(shared / "conll2003" / "train.txt")
     assert len(train["tokens"]) == 14041 and sum(map(len, train["tokens"])) == 203621
     assert sum(tag.startswith("B-") for row in train["ner_tags"] for tag in row) == 7140 + 3438 + 6321 + 6600

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from cli import run_cli
-from conftest import MINILM, QUICK, ROOT, compose_config, write_tsv
+from conftest import MINILM, QUICK, ROOT, SHARED, compose_config, write_tsv
 
 from lightning_ft.backbones import load_tokenizer, resolve_name
 from lightning_ft.paths import sample_dir
@@ -18,8 +18,12 @@ from lightning_ft.tasks.text_classification import TextClassificationTask
 from lightning_ft.tokenizer_training import train_tokenizer
 
 README = (ROOT / "README.md").read_text()
-SHARED = ROOT.parent / "shared" / "data"
 QUICK_RUN = ["~callbacks.progress_bar"]
+# The README's placeholders for a public dataset's own files, and the folder of CI's copy (conftest.SHARED) that
+# stands in for each: a command naming one runs on that copy, and is skipped, naming the folder, where it is absent.
+REAL_DATA = {"<your SST-2 dir>": "glue_sst2", "<your STS-B dir>": "glue_stsb", "<your CoNLL-2003 dir>": "conll2003",
+             "<your OpenBookQA dir>": "openbookqa/main", "<your Multi30k dir>": "multi30k",
+             "<your Tiny Shakespeare dir>": "tiny_shakespeare"}
 
 
 def blocks(language: str) -> list[str]:
@@ -29,6 +33,16 @@ def blocks(language: str) -> list[str]:
 def commands() -> list[str]:
     lines = [line.strip() for block in blocks("bash") for line in block.splitlines()]
     return [line for line in lines if line and not line.startswith("#")]
+
+
+def real_data(command: str) -> list[str]:
+    """The folders of CI's copy of the real datasets that a README command needs."""
+    return [folder for placeholder, folder in REAL_DATA.items() if placeholder in command]
+
+
+def with_real_data(commands: list[str]) -> list:
+    """Parameters that skip (conftest's needs_shared marker) where the real data a command needs is absent."""
+    return [pytest.param(c, marks=pytest.mark.needs_shared(*real_data(c))) for c in commands]
 
 
 @pytest.fixture(scope="module")
@@ -117,13 +131,17 @@ def _tiny_backbone(args: list[str]) -> str:
 WORKFLOW = "outputs/minilm_domain"  # the two-command continued-pretraining workflow: test_readme_workflow runs it
 
 
-@pytest.mark.parametrize("command", [c for c in commands() if "lightning_ft.train" in c and WORKFLOW not in c])
+@pytest.mark.parametrize("command", with_real_data([c for c in commands()
+                                                     if "lightning_ft.train" in c and WORKFLOW not in c]))
 def test_readme_train_command_runs(command, tmp_path, placeholders):
     command = command.split("&& ")[-1]  # the setup part ran in CI's install step
+    real = bool(real_data(command))
+    for key, folder in REAL_DATA.items():
+        command = command.replace(key, shlex.quote(str(SHARED / folder)))
     for key, value in placeholders.items():
         command = command.replace(key, shlex.quote(value))
     assert "<" not in command, f"unknown placeholder in README command: {command}"
-    args = shlex.split(command.replace("../shared/data", str(SHARED)))[3:]  # drop `python -m lightning_ft.train`
+    args = shlex.split(command)[3:]  # drop `python -m lightning_ft.train`
     if "--cfg" in args or "--help" in args:
         result = run_cli(args, tmp_path)
         assert result.returncode == 0 and "task:" in result.stdout
@@ -136,7 +154,7 @@ def test_readme_train_command_runs(command, tmp_path, placeholders):
         args.append("debug=limit")
     if _tiny_backbone(args) == "backbone=tiny_t5":  # random seq2seq models generate to the limit: keep it short
         args.append("task.max_new_tokens=8")
-    if str(SHARED) in " ".join(args):
+    if real:
         args += ["+dataset.max_train_examples=300", "+dataset.max_eval_examples=100"]
         if "task=ner" in args:  # 300 training sentences lack some rare POS tags of the validation split
             args.append("dataset.unseen_tags=add")
@@ -219,6 +237,14 @@ def test_readme_search_command_runs(command, tmp_path, similarity_run):
     result = run_cli(args[3:], tmp_path, module="lightning_ft.search")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"nearest to: {args[4]}" in result.stdout
+
+
+def test_readme_says_where_real_data_comes_from_and_points_at_no_local_copy():
+    assert "../shared" not in README  # CI's copy of the datasets: a user's clone has none
+    for placeholder in REAL_DATA:  # each real dataset a command reads is in the table of sources
+        assert f"| `{placeholder}` |" in README, placeholder
+    used = {p for c in commands() for p in re.findall(r"<your [^>]*dir>", c)}
+    assert set(REAL_DATA) <= used
 
 
 def test_every_readme_command_is_exercised():
