@@ -7,15 +7,18 @@
 The task comes from the model: the exported config's architecture (...ForSequenceClassification and so on, a
 sentence-transformers ``modules.json``) or the task a lightning_ft checkpoint records. Input: ``.jsonl`` (or
 ``.json``), ``.csv``, ``.tsv``, or ``.txt`` (a row a line, as ``text``); token classification also reads CoNLL column
-files. Output: ``.jsonl`` or ``.csv`` (``.npy`` for embeddings, CoNLL columns for token classification); every row is
-the input row (ids and all) plus the prediction's fields, written to ``<output>.tmp`` and renamed into place, so a
-failure never leaves a partial file or touches an existing one.
+files. Input is UTF-8 (a byte-order mark is fine); a CSV/TSV row has as many fields as the header. Output: ``.jsonl``
+or ``.csv`` (``.npy`` for embeddings, CoNLL columns for token classification); every row is the input row (ids and
+all) plus the prediction's fields, written to a temporary file of this run's own in the output's directory and renamed
+into place, so a failure never leaves a partial file or touches an existing one. An existing output is replaced only
+with ``overwrite=true`` (``--overwrite``), and never when it is the input.
 
-Options, as ``key=value`` or ``--key value``: ``batch_size`` (32), ``task`` (the task the model must be: refuses a
-model of another), ``device`` (auto: a GPU when there is one), ``input_format``/``output_format`` (by suffix), and each
-task's own, the fields of the options dataclass its ``Prediction`` declares (in ``lightning_ft/tasks/<task>/
-predict.py``): the column options (``column``, ``pair_column``, ``question_column``...) and settings such as
-``max_new_tokens``. A column option left unset takes the first of its usual names that the input has.
+Options, as ``key=value`` or ``--key value``: ``overwrite`` (false; a bare ``--overwrite`` is true), ``batch_size``
+(32), ``task`` (the task the model must be: refuses a model of another), ``device`` (auto: a GPU when there is one),
+``input_format``/``output_format`` (by suffix), and each task's own, the fields of the options dataclass its
+``Prediction`` declares (in ``lightning_ft/tasks/<task>/predict.py``): the column options (``column``,
+``pair_column``, ``question_column``...) and settings such as ``max_new_tokens``. A column option left unset takes
+the first of its usual names that the input has.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -38,8 +42,9 @@ from lightning_ft.tasks.spec import Prediction, TaskSpec
 log = logging.getLogger("lightning_ft")
 
 
-GLOBAL_OPTIONS = {"model_dir": None, "ckpt_path": None, "input": None, "output": None, "batch_size": 32,
-                  "task": None, "device": "auto", "input_format": "auto", "output_format": "auto"}
+GLOBAL_OPTIONS = {"model_dir": None, "ckpt_path": None, "input": None, "output": None, "overwrite": False,
+                  "batch_size": 32, "task": None, "device": "auto", "input_format": "auto", "output_format": "auto"}
+BOOLEAN_WORDS = {"true", "false", "1", "0", "yes", "no"}
 INPUT_FORMATS = {".txt": "text", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
 OUTPUT_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv", ".npy": "npy"}
 
@@ -47,7 +52,8 @@ OUTPUT_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "t
 # ---- the command line ----------------------------------------------------------------------------------------------
 def parse_args(argv: list[str]) -> tuple[dict[str, str], bool]:
     """The options as raw strings, and whether they came as ``--flags`` (the positional form) or ``key=value``.
-    Positionals are MODEL (a directory, or a ``.ckpt`` file), INPUT and OUTPUT."""
+    Positionals are MODEL (a directory, or a ``.ckpt`` file), INPUT and OUTPUT. A boolean global option given as a
+    bare flag (``--overwrite``, not followed by true/false) is true."""
     options: dict[str, str] = {}
     positionals: list[str] = []
     flags = False
@@ -57,11 +63,15 @@ def parse_args(argv: list[str]) -> tuple[dict[str, str], bool]:
         if arg.startswith("--") and len(arg) > 2:
             flags = True
             key, _, value = arg[2:].partition("=")
+            key = key.replace("-", "_")
             if not _:
-                if not args:
+                if isinstance(GLOBAL_OPTIONS.get(key), bool):
+                    value = args.pop(0) if args and args[0].lower() in BOOLEAN_WORDS else "true"
+                elif not args:
                     raise UserError(f"option {arg} needs a value: {arg} <value>.")
-                value = args.pop(0)
-            _set(options, key.replace("-", "_"), value, arg)
+                else:
+                    value = args.pop(0)
+            _set(options, key, value, arg)
         elif "=" in arg and arg.split("=", 1)[0].isidentifier():
             key, value = arg.split("=", 1)
             _set(options, key, value, arg)
@@ -115,7 +125,7 @@ def _coerce(name: str, raw: str, default: Any, annotation: Any, flags: bool) -> 
     text = str(annotation)
     try:
         if isinstance(default, bool) or text.startswith("bool"):
-            if raw.lower() not in {"true", "false", "1", "0", "yes", "no"}:
+            if raw.lower() not in BOOLEAN_WORDS:
                 raise ValueError
             return raw.lower() in {"true", "1", "yes"}
         if raw.lower() in {"null", "none"} and (default is None or "None" in text):
@@ -164,8 +174,9 @@ def check_input(value: str | None, flags: bool) -> Path:
     return source
 
 
-def check_output(value: str | None, flags: bool) -> Path:
-    """The output path, checked writable by creating (and removing) ``<output>.tmp`` beside it."""
+def check_output(value: str | None, flags: bool, source: Path | None = None) -> Path:
+    """The output path: in a directory, not the input (``source``), and checked writable by creating (and removing)
+    a temporary file of the kind ``write`` uses, in its directory."""
     if not value:
         raise UserError(f"no output file: give {'OUTPUT' if flags else 'output=<file>'} (.jsonl or .csv).")
     target = Path(value)
@@ -177,21 +188,43 @@ def check_output(value: str | None, flags: bool) -> Path:
         what = "is not a directory" if folder.exists() else "does not exist"
         raise UserError(f"output '{value}' cannot be written: its directory '{folder}' {what} (resolved to "
                         f"{folder.resolve()}): create it first, or give another output path.")
-    probe = _temporary(target)
+    if source is not None and _same_file(source, target):
+        raise UserError(f"output '{value}' is the input file '{source}': give another output path (predict never "
+                        "writes over its input, not even with overwrite).")
     try:
-        probe.open("x").close()
-    except FileExistsError:
-        pass  # left by a killed run: it is overwritten at the end
+        descriptor, probe = _temporary(target)
     except OSError as err:
         raise UserError(f"output '{value}' cannot be written ({err.strerror or type(err).__name__} in '{folder}'): "
                         "give a path in a directory you can write to.") from err
-    else:
-        probe.unlink()
+    os.close(descriptor)
+    os.unlink(probe)
     return target
 
 
-def _temporary(target: Path) -> Path:
-    return target.with_name(target.name + ".tmp")
+def check_overwrite(target: Path, overwrite: bool, flags: bool) -> None:
+    """An existing output is replaced only when the user said so. Checked once the input has been read and checked
+    (so a bad input is said first) but before any model loads."""
+    if (target.exists() or target.is_symlink()) and not overwrite:
+        replace = "--overwrite" if flags else "overwrite=true"
+        raise UserError(f"output '{target}' exists: give another output path, or {replace} to replace it.")
+
+
+def _same_file(source: Path, target: Path) -> bool:
+    """Whether ``target`` is ``source``: the same resolved path, or (both existing) the same file through a symlink or
+    a hard link."""
+    if source.resolve() == target.resolve():
+        return True
+    try:
+        return target.exists() and os.path.samefile(source, target)
+    except OSError:
+        return False
+
+
+def _temporary(target: Path) -> tuple[int, Path]:
+    """A new file of this process's own beside ``target`` (``.<name>.<random>.tmp``), open as a descriptor: two
+    predictions of the same output never write into one temporary file."""
+    descriptor, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    return descriptor, Path(name)
 
 
 def formats(prediction: Prediction, source: Path, target: Path, input_format: str, output_format: str
@@ -230,39 +263,107 @@ def formats(prediction: Prediction, source: Path, target: Path, input_format: st
 
 # ---- reading -------------------------------------------------------------------------------------------------------
 def read_rows(source: Path, input_format: str, prediction: Prediction) -> list[dict[str, Any]]:
-    """Every row of the input as a dict: ``text`` for a line of a ``.txt`` file (blank lines skipped)."""
-    from lightning_ft.data.base import iter_jsonl
-
-    if input_format == "text":
-        with source.open(encoding="utf-8") as handle:
-            rows = [{"text": line.rstrip("\r\n")} for line in handle if line.strip()]
-    elif input_format == "jsonl":
-        if _first_character(source) == "[":  # a JSON array of objects
-            try:
-                values = list(enumerate(json.loads(source.read_text(encoding="utf-8")), start=1))
-            except json.JSONDecodeError as err:
-                raise UserError(f"{source} is not JSON ({err.msg} at line {err.lineno}).") from err
+    """Every row of the input as a dict: ``text`` for a line of a ``.txt`` file (blank lines skipped). The input is
+    UTF-8, with or without a byte-order mark; a file in another encoding is refused naming the line."""
+    try:
+        if input_format == "text":
+            with source.open(encoding="utf-8-sig") as handle:
+                rows = [{"text": line.rstrip("\r\n")} for line in handle if line.strip()]
+        elif input_format == "jsonl":
+            if _first_character(source) == "[":  # a JSON array of objects
+                try:
+                    values = list(enumerate(json.loads(source.read_text(encoding="utf-8-sig")), start=1))
+                except json.JSONDecodeError as err:
+                    raise UserError(f"{source} is not JSON ({err.msg} at line {err.lineno}).") from err
+            else:
+                values = list(_iter_jsonl(source))
+            rows = []
+            for number, row in values:
+                if not isinstance(row, dict):
+                    raise UserError(f"{source}:{number} is not a JSON object: write one object a line.")
+                rows.append(row)
+        elif input_format in ("csv", "tsv"):
+            rows = read_table(source, tab=input_format == "tsv")
         else:
-            values = list(iter_jsonl(source))
-        rows = []
-        for number, row in values:
-            if not isinstance(row, dict):
-                raise UserError(f"{source}:{number} is not a JSON object: write one object a line.")
-            rows.append(row)
-    elif input_format in ("csv", "tsv"):
-        with source.open(encoding="utf-8", newline="") as handle:
-            tab = input_format == "tsv"
-            rows = list(csv.DictReader(handle, delimiter="\t" if tab else ",",
-                                       quoting=csv.QUOTE_NONE if tab else csv.QUOTE_MINIMAL))
-    else:
-        rows = prediction.readers[input_format](source)
+            rows = prediction.readers[input_format](source)
+    except UnicodeDecodeError as err:
+        raise _not_utf8(source, err) from None
     if not rows:
         raise UserError(f"{source} has no {prediction.noun} to {prediction.verb}.")
     return rows
 
 
+def _iter_jsonl(source: Path):
+    """``(line number, value)`` for every non-blank line of a JSON-lines file (a byte-order mark skipped)."""
+    with source.open(encoding="utf-8-sig") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{source}:{number} is not JSON ({err.msg}): write one object a line.") from err
+
+
+def read_table(source: Path, tab: bool) -> list[dict[str, str]]:
+    """The rows of a CSV (quoted values may hold commas, doubled quotes and line breaks) or TSV file (no quoting) as
+    dicts by the header's names, blank lines skipped. A row with more or fewer fields than the header, or a quote
+    left open, is refused naming the row (counted after the header, as every predict message counts them) and its
+    line."""
+    separator = "tab" if tab else "comma"
+    with source.open(encoding="utf-8-sig", newline="") as handle:
+        reader = csv.reader(handle, delimiter="\t" if tab else ",",
+                            quoting=csv.QUOTE_NONE if tab else csv.QUOTE_MINIMAL, strict=True)
+        header, rows, number, line = None, [], 0, 1
+        try:
+            while True:
+                line = reader.line_num + 1
+                fields = next(reader, None)
+                if fields is None:
+                    break
+                if not fields:  # a blank line
+                    continue
+                if header is None:
+                    header = fields
+                    continue
+                number += 1
+                if len(fields) != len(header):
+                    lines = f"lines {line}-{reader.line_num}" if reader.line_num > line else f"line {line}"
+                    if any("\n" in value or "\r" in value for value in fields):
+                        raise UserError(f"row {number} of {source} ({lines}) has an unclosed quote that runs over "
+                                        "line breaks into the next rows: close the quoted value (write a quote "
+                                        'inside one as "").')
+                    if len(fields) > len(header):
+                        fix = ("remove the extra tabs" if tab else
+                               'quote a value that holds a comma ("a, b"), or remove the extra commas')
+                    else:
+                        fix = f"add the missing ones (an empty value is still a {separator}), or drop the row"
+                    raise UserError(f"row {number} of {source} ({lines}) has {len(fields)} fields but the header has "
+                                    f"{len(header)}: {fix}.")
+                rows.append(dict(zip(header, fields)))
+        except csv.Error as err:
+            which = f"row {number + 1} of {source}" if header is not None else f"the header of {source}"
+            raise UserError(f"{which} (from line {line}) has an unclosed or stray quote ({err}): close the quoted "
+                            'value, and write a quote inside one as "".') from None
+    return rows
+
+
+def _not_utf8(source: Path, err: UnicodeDecodeError) -> UserError:
+    """The refusal of an input that is not UTF-8, naming the line and byte offset of its first byte that is not."""
+    data = source.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as found:
+        line = data.count(b"\n", 0, found.start) + 1
+        where = f"line {line}, byte offset {found.start}: 0x{data[found.start]:02x}"
+    else:  # decoded after all (a reader of its own format, say): what the reader said
+        where = str(err)
+    return UserError(f"input '{source}' is not UTF-8 ({where}): save it as UTF-8 (in a spreadsheet or editor: "
+                     "Save As, encoding UTF-8).")
+
+
 def _first_character(source: Path) -> str:
-    with source.open(encoding="utf-8") as handle:
+    with source.open(encoding="utf-8-sig") as handle:
         while chunk := handle.read(4096):
             if chunk.strip():
                 return chunk.strip()[0]
@@ -438,22 +539,27 @@ def merged(pairs: list[tuple[dict, dict]]) -> tuple[list[dict], list[str]]:
     return rows, clashes
 
 
-def write(results, target: Path, output_format: str, columns: list[str], prediction: Prediction) -> int:
-    """Write the rows to ``<target>.tmp`` and rename it to ``target``: all or nothing. Returns the row count."""
-    temporary = _temporary(target)
+def write(results, target: Path, output_format: str, columns: list[str], prediction: Prediction,
+          overwrite: bool = True, flags: bool = False) -> int:
+    """Write the rows to a temporary file of this run's own beside ``target`` and move it into place: all or nothing.
+    With ``overwrite`` it is renamed over ``target`` (of two runs writing one output, the later to finish wins, whole);
+    without, ``target`` is never replaced, not even by one that another run wrote meanwhile. Returns the row count."""
+    descriptor, temporary = _temporary(target)
     count = 0
     try:
-        if output_format == "npy":
-            import numpy as np
+        binary = output_format == "npy"
+        with os.fdopen(descriptor, "wb") if binary else os.fdopen(descriptor, "w", encoding="utf-8", newline="") \
+                as handle:
+            os.chmod(temporary, 0o666 & ~_umask())  # what a plain open() would give, not mkstemp's 0600
+            if binary:
+                import numpy as np
 
-            vectors = []
-            for row in results:
-                vectors.append(row[prediction.matrix_field])
-                count += 1
-            with temporary.open("wb") as handle:
+                vectors = []
+                for row in results:
+                    vectors.append(row[prediction.matrix_field])
+                    count += 1
                 np.save(handle, np.asarray(vectors, dtype=np.float32))
-        else:
-            with temporary.open("w", encoding="utf-8", newline="") as handle:
+            else:
                 writer = None
                 for row in results:
                     count += 1
@@ -470,11 +576,37 @@ def write(results, target: Path, output_format: str, columns: list[str], predict
                             writer.writeheader()
                         writer.writerow({k: json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else v
                                          for k, v in row.items()})
-        os.replace(temporary, target)
+        _move(temporary, target, overwrite, flags)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
     return count
+
+
+def _move(temporary: Path, target: Path, overwrite: bool, flags: bool) -> None:
+    """Put the finished temporary file at ``target``: renamed over it with ``overwrite``; else linked there, which
+    fails rather than replace a file that appeared while predicting."""
+    if overwrite:
+        os.replace(temporary, target)
+        return
+    appeared = UserError(f"output '{target}' was created by another program while predicting, and is left as it is: "
+                         f"give another output path, or {'--overwrite' if flags else 'overwrite=true'} to replace it.")
+    try:
+        os.link(temporary, target)
+    except FileExistsError:
+        raise appeared from None
+    except OSError:  # a filesystem without hard links: rename, once more checking that there is no file
+        if target.exists() or target.is_symlink():
+            raise appeared from None
+        os.replace(temporary, target)
+    else:
+        temporary.unlink()
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 # ---- the entry point -----------------------------------------------------------------------------------------------
@@ -486,7 +618,8 @@ def run(options: dict[str, str], flags: bool) -> None:
         raise UserError("no model: give model_dir=<run dir or exported hf_model> or ckpt_path=<file.ckpt> "
                         "(or MODEL INPUT OUTPUT).")
     source = check_input(options.get("input"), flags)
-    target = check_output(options.get("output"), flags)
+    overwrite = _coerce("overwrite", options.get("overwrite", "false"), False, bool, flags)
+    target = check_output(options.get("output"), flags, source)
     try:
         batch_size = int(options.get("batch_size", GLOBAL_OPTIONS["batch_size"]))
         if batch_size < 1:
@@ -522,6 +655,7 @@ def run(options: dict[str, str], flags: bool) -> None:
         load_tokenizer(str(where))
     if prediction.check is not None:  # what the rows need of the tokenizer (a mask token...), still before the model
         prediction.check(rows, source, tokenizer, **settings)
+    check_overwrite(target, overwrite, flags)
     if checkpoint is not None:
         model = load_checkpoint(spec, checkpoint, where, tokenizer)
     else:
@@ -531,7 +665,7 @@ def run(options: dict[str, str], flags: bool) -> None:
     stats: Counter = Counter()
     columns = list(dict.fromkeys(key for row in rows for key in row))
     results, renamed = merged(list(predict(prediction, model, tokenizer, rows, batch_size, settings, stats)))
-    count = write(results, target, output_format, columns, prediction)
+    count = write(results, target, output_format, columns, prediction, overwrite, flags)
     report = prediction.report
     suffix, warnings = report(stats, settings, lambda name: _option(name, flags)) if report else ("", [])
     log.info("%s %d %s%s from %s (%s) into %s (%s)", prediction.past, count, prediction.noun, suffix, source,

@@ -1,8 +1,10 @@
 """``python -m lightning_ft.predict``: every task's model (tiny, random weights) from its exported directory or a
-Lightning checkpoint; jsonl, csv, txt and CoNLL in, jsonl, csv, npy and CoNLL out; one clear sentence for bad input,
-and an existing output left as it was."""
+Lightning checkpoint; jsonl, csv, txt and CoNLL in, jsonl, csv, npy and CoNLL out; one clear sentence for bad input
+(another encoding than UTF-8, ragged CSV rows, an unclosed quote), and an existing output left as it was unless
+overwrite=true, never replaced by its own input, and written whole through a temporary file of each run's own."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -358,7 +360,7 @@ def test_masked_lm_fills_every_mask_with_probabilities(tmp_path, capsys):
         assert "[MASK]" not in row["sequence"] and row["sequence"].endswith(".")
     (tmp_path / "no_mask.txt").write_text("paris is the capital of france.\n")
     assert _predict(f"model_dir={model_dir}", f"input={tmp_path / 'no_mask.txt'}",
-                    f"output={tmp_path / 'out.jsonl'}") == 2
+                    f"output={tmp_path / 'no_mask.jsonl'}") == 2
     assert "row 1 of" in capsys.readouterr().err
 
 
@@ -425,9 +427,16 @@ def existing(tmp_path) -> Path:
     return path
 
 
-def _fails(capsys, existing: Path, *args) -> str:
-    assert _predict(*args) == 2
-    assert existing.read_text() == '{"earlier": "run"}\n' and not list(existing.parent.glob("*.tmp"))
+def _leftovers(folder: Path) -> list[str]:
+    """Temporary files left in ``folder`` (predict's are hidden: ``.<output>.<random>.tmp``)."""
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+def _fails(capsys, existing: Path, *args, overwrite: bool = True) -> str:
+    """Predict with ``args`` (and ``overwrite=true``, unless told not to, so that the refusal met is the one the test is
+    about, not the existing output's), which must fail with one line and leave ``existing`` as it was."""
+    assert _predict(*args, *(["overwrite=true"] if overwrite else [])) == 2
+    assert existing.read_text() == '{"earlier": "run"}\n' and not _leftovers(existing.parent)
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err  # one line, no traceback
     return err
@@ -512,8 +521,9 @@ def test_a_failure_while_predicting_leaves_the_existing_output(classifier_dir, e
     monkeypatch.setattr("lightning_ft.tasks.of_export", lambda config, path: spec)
     source = _write_jsonl(tmp_path / "in.jsonl", [{"text": "good"}, {"text": "bad"}])
     with pytest.raises(RuntimeError):
-        _predict(f"model_dir={classifier_dir}", f"input={source}", f"output={existing}", "batch_size=1")
-    assert existing.read_text() == '{"earlier": "run"}\n' and not (tmp_path / "out.jsonl.tmp").exists()
+        _predict(f"model_dir={classifier_dir}", f"input={source}", f"output={existing}", "batch_size=1",
+                 "overwrite=true")
+    assert existing.read_text() == '{"earlier": "run"}\n' and not _leftovers(tmp_path)
 
 
 def test_a_mistyped_or_foreign_option_names_the_known_ones(classifier_dir, existing, tmp_path, capsys):
@@ -526,3 +536,211 @@ def test_a_mistyped_or_foreign_option_names_the_known_ones(classifier_dir, exist
     err = _fails(capsys, existing, f"model_dir={classifier_dir}", f"input={source}", f"output={existing}",
                  "threshold=high")
     assert "threshold='high' is not a number" in err
+
+
+# ---- the output: never lost, never the input, written whole -------------------------------------------------------
+def test_an_existing_output_is_refused_before_any_model_loads_unless_overwrite(classifier_dir, existing, tmp_path,
+                                                                              monkeypatch, capsys):
+    import lightning_ft.predict
+
+    source = _write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "text": "good"}])
+    with monkeypatch.context() as patched:
+        patched.setattr(lightning_ft.predict, "load_exported", lambda *args: pytest.fail("the model was loaded"))
+        err = _fails(capsys, existing, f"model_dir={classifier_dir}", f"input={source}", f"output={existing}",
+                     overwrite=False)
+        assert err == f"error: output '{existing}' exists: give another output path, or overwrite=true to replace it.\n"
+        err = _fails(capsys, existing, classifier_dir, source, existing, "--batch-size", "2", overwrite=False)
+        assert err == f"error: output '{existing}' exists: give another output path, or --overwrite to replace it.\n"
+        err = _fails(capsys, existing, classifier_dir, source, existing, "--overwrite", "false", overwrite=False)
+        assert "--overwrite to replace it" in err
+        err = _fails(capsys, existing, f"model_dir={classifier_dir}", f"input={source}", f"output={existing}",
+                     "overwrite=maybe", overwrite=False)
+        assert "overwrite='maybe' is not true or false" in err
+        # a bad input is said first: fixing it does not then meet this refusal as a surprise
+        err = _fails(capsys, existing, f"model_dir={classifier_dir}", f"input={source}", f"output={existing}",
+                     "column=body", overwrite=False)
+        assert "has no text column 'body'" in err
+    # told to: replaced, in either form; a bare --overwrite is true, wherever it stands
+    for args in ([f"model_dir={classifier_dir}", f"input={source}", f"output={existing}", "overwrite=true"],
+                 [classifier_dir, source, existing, "--overwrite"],
+                 ["--overwrite", classifier_dir, source, existing],
+                 [classifier_dir, source, existing, "--overwrite", "true", "--batch-size", "1"]):
+        existing.write_text('{"earlier": "run"}\n')
+        assert _predict(*args) == 0, args
+        assert [r["id"] for r in read_jsonl(existing)] == [1] and not _leftovers(tmp_path)
+
+
+def test_overwrite_is_a_known_option_shown_by_help(classifier_dir, existing, tmp_path, capsys):
+    assert _predict("--help") == 0
+    assert "``overwrite`` (false; a bare ``--overwrite`` is true)" in capsys.readouterr().out
+    source = _write_jsonl(tmp_path / "in.jsonl", [{"text": "good"}])
+    err = _fails(capsys, existing, f"model_dir={classifier_dir}", f"input={source}", f"output={existing}",
+                 "overwrit=true", overwrite=False)
+    assert "unknown option 'overwrit' (did you mean overwrite?)" in err and "output, overwrite, batch_size" in err
+
+
+def test_the_output_is_never_the_input_not_even_with_overwrite(classifier_dir, tmp_path, capsys):
+    source = _write_jsonl(tmp_path / "in.jsonl", [{"text": "good"}])
+    (tmp_path / "link.jsonl").symlink_to(source)
+    os.link(source, tmp_path / "hard.jsonl")
+    (tmp_path / "sub").mkdir()
+    for output in (source, tmp_path / "sub" / ".." / "in.jsonl", tmp_path / "link.jsonl", tmp_path / "hard.jsonl"):
+        assert _predict(f"model_dir={classifier_dir}", f"input={source}", f"output={output}", "overwrite=true") == 2
+        err = capsys.readouterr().err
+        assert err == (f"error: output '{output}' is the input file '{source}': give another output path (predict "
+                       "never writes over its input, not even with overwrite).\n")
+    # the other way round too: the input named through the link, the output the file itself
+    assert _predict(f"model_dir={classifier_dir}", f"input={tmp_path / 'link.jsonl'}", f"output={source}",
+                    "--overwrite") == 2
+    assert "is the input file" in capsys.readouterr().err
+    assert source.read_text() == '{"text": "good"}\n' and not _leftovers(tmp_path)
+
+
+def test_each_run_writes_a_temporary_file_of_its_own_in_the_outputs_folder(classifier_dir, tmp_path, monkeypatch):
+    source = _write_jsonl(tmp_path / "in.jsonl", [{"text": "good"}])
+    target = tmp_path / "out.jsonl"
+    stale = tmp_path / "out.jsonl.tmp"  # another program's file, or one of an older version's killed run
+    stale.write_text("not ours\n")
+    moved = []
+    real = os.replace
+
+    def replace(src, dst):
+        moved.append(Path(src))
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    for _ in range(2):
+        assert _predict(f"model_dir={classifier_dir}", f"input={source}", f"output={target}", "overwrite=true") == 0
+    assert len(moved) == 2 and moved[0] != moved[1]
+    for temporary in moved:
+        assert temporary.parent == tmp_path and temporary.name.startswith(".out.jsonl.") and temporary.suffix == ".tmp"
+    assert stale.read_text() == "not ours\n" and _leftovers(tmp_path) == ["out.jsonl.tmp"]
+    assert [r["text"] for r in read_jsonl(target)] == ["good"]
+    assert target.stat().st_mode & 0o777 == 0o666 & ~_umask()  # as a plain open() makes it, not mkstemp's 0600
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def test_of_two_runs_writing_one_output_the_later_to_finish_wins_whole(classifier_dir, existing, tmp_path,
+                                                                       monkeypatch):
+    first = _write_jsonl(tmp_path / "first.jsonl", [{"id": i, "text": "good"} for i in range(3)])
+    second = _write_jsonl(tmp_path / "second.jsonl", [{"id": 10 + i, "text": "bad"} for i in range(5)])
+    real = os.replace
+
+    def replace(src, dst):  # the first run has written its rows; the second one runs now and finishes first
+        monkeypatch.setattr(os, "replace", real)
+        assert _predict(f"model_dir={classifier_dir}", f"input={second}", f"output={existing}", "overwrite=true") == 0
+        assert [r["id"] for r in read_jsonl(existing)] == [10, 11, 12, 13, 14]
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    assert _predict(f"model_dir={classifier_dir}", f"input={first}", f"output={existing}", "overwrite=true") == 0
+    assert [r["id"] for r in read_jsonl(existing)] == [0, 1, 2] and not _leftovers(tmp_path)
+
+
+def _rows_calling(monkeypatch, before) -> None:
+    """Text classification's rows function, calling ``before(call number)`` first."""
+    import dataclasses
+
+    from lightning_ft.tasks import text_classification
+
+    calls = []
+    original = text_classification.SPEC.prediction.rows
+
+    def rows(*args, **kwargs):
+        calls.append(1)
+        before(len(calls))
+        return original(*args, **kwargs)
+
+    spec = dataclasses.replace(text_classification.SPEC,
+                               prediction=dataclasses.replace(text_classification.SPEC.prediction, rows=rows))
+    monkeypatch.setattr("lightning_ft.tasks.of_export", lambda config, path: spec)
+
+
+def test_an_output_another_program_writes_while_predicting_is_kept(classifier_dir, tmp_path, monkeypatch, capsys):
+    source = _write_jsonl(tmp_path / "in.jsonl", [{"text": "good"}])
+    target = tmp_path / "out.jsonl"
+    _rows_calling(monkeypatch, lambda call: target.write_text("theirs\n"))
+    assert _predict(f"model_dir={classifier_dir}", f"input={source}", f"output={target}") == 2
+    assert capsys.readouterr().err.endswith(f"\nerror: output '{target}' was created by another program while "
+                                            "predicting, and is left as it is: give another output path, or "
+                                            "overwrite=true to replace it.\n")  # after the progress bars
+    assert target.read_text() == "theirs\n" and not _leftovers(tmp_path)
+
+
+# ---- input encodings and CSV/TSV shapes: one sentence naming the row, before any model loads ----------------------
+def _refuses_input(capsys, existing: Path, model: Path, source: Path) -> str:
+    """Predict ``source`` into a new file, which must be refused: one line, nothing written, ``existing`` untouched."""
+    fresh = existing.parent / "predictions.jsonl"
+    err = _fails(capsys, existing, f"model_dir={model}", f"input={source}", f"output={fresh}", overwrite=False)
+    assert not fresh.exists()
+    return err
+
+
+def test_an_input_that_is_not_utf8_names_its_line(classifier_dir, existing, tmp_path, capsys):
+    for name, text in [("in.csv", "id,text\n1,good\n2,café au lait\n"), ("in.txt", "good\nfine\ncafé au lait\n"),
+                       ("in.jsonl", '{"text": "good"}\n\n{"text": "café"}\n')]:
+        source = tmp_path / name
+        source.write_bytes(text.encode("latin-1"))  # what a spreadsheet saving as "Western" writes
+        offset = text.index("é")
+        err = _refuses_input(capsys, existing, classifier_dir, source)
+        assert err == (f"error: input '{source}' is not UTF-8 (line 3, byte offset {offset}: 0xe9): save it as UTF-8 "
+                       "(in a spreadsheet or editor: Save As, encoding UTF-8).\n")
+
+
+def test_a_utf8_byte_order_mark_is_accepted(classifier_dir, tmp_path):
+    import csv
+
+    files = {"in.csv": "text,id\ngood,1\n", "in.tsv": "text\tid\ngood\t1\n", "in.txt": "good\n",
+             "in.jsonl": '{"text": "good", "id": "1"}\n', "in.json": '[{"text": "good", "id": "1"}]'}
+    for name, text in files.items():
+        source = tmp_path / name
+        source.write_bytes("\ufeff".encode() + text.encode())  # what Excel's "CSV UTF-8" writes
+        output = tmp_path / f"out_{source.suffix[1:]}.csv"
+        assert _predict(f"model_dir={classifier_dir}", f"input={source}", f"output={output}") == 0, name
+        with output.open(encoding="utf-8", newline="") as handle:
+            (row,) = list(csv.DictReader(handle))
+        assert row["text"] == "good" and row.get("id", "1") == "1" and row["label"] in SENTIMENT.values(), name
+
+
+def test_a_csv_or_tsv_row_with_more_or_fewer_fields_than_the_header(classifier_dir, existing, tmp_path, capsys):
+    source = tmp_path / "in.csv"
+    source.write_text('id,text,label\n1,"good, really",positive\n\n2,bad,negative,extra\n')
+    err = _refuses_input(capsys, existing, classifier_dir, source)
+    assert err == (f"error: row 2 of {source} (line 4) has 4 fields but the header has 3: quote a value that holds a "
+                   'comma ("a, b"), or remove the extra commas.\n')
+    source.write_text("id,text,label\n1,good,positive\n2,bad\n")
+    err = _refuses_input(capsys, existing, classifier_dir, source)
+    assert err == (f"error: row 2 of {source} (line 3) has 2 fields but the header has 3: add the missing ones (an "
+                   "empty value is still a comma), or drop the row.\n")
+    tsv = tmp_path / "in.tsv"
+    tsv.write_text("id\ttext\n1\tgood\textra\n")
+    err = _refuses_input(capsys, existing, classifier_dir, tsv)
+    assert "row 1 of" in err and "(line 2) has 3 fields but the header has 2: remove the extra tabs." in err
+    tsv.write_text("id\ttext\tlabel\n1\tgood\n")
+    err = _refuses_input(capsys, existing, classifier_dir, tsv)
+    assert "has 2 fields but the header has 3: add the missing ones (an empty value is still a tab)" in err
+
+
+def test_an_unclosed_quote_in_a_csv_is_refused_and_quoted_line_breaks_are_kept(classifier_dir, existing, tmp_path,
+                                                                               capsys):
+    source = tmp_path / "in.csv"
+    source.write_text('id,text\n1,good\n2,"bad\n3,fine\n4,ok\n')  # the quote swallows the rest of the file
+    err = _refuses_input(capsys, existing, classifier_dir, source)
+    assert err.startswith(f"error: row 2 of {source} (from line 3) has an unclosed or stray quote (")
+    assert err.endswith('close the quoted value, and write a quote inside one as "".\n')
+    source.write_text('id,text\n1,"bad\n2,fine"x\n')  # closed by another row's stray quote
+    err = _refuses_input(capsys, existing, classifier_dir, source)
+    assert f"row 1 of {source} (from line 2) has an unclosed or stray quote" in err
+    source.write_text('id,text,label\n1,"bad,negative\n2,fine",positive,x\n')  # closed where a field ends
+    err = _refuses_input(capsys, existing, classifier_dir, source)
+    assert err == (f"error: row 1 of {source} (lines 2-3) has an unclosed quote that runs over line breaks into the "
+                   'next rows: close the quoted value (write a quote inside one as "").\n')
+    # a well-formed file: quoted commas, doubled quotes and line breaks inside quotes are values like any other
+    source.write_text('id,text\n1,"line one\nline two, with a comma"\n2,"say ""hi"""\n')
+    assert _predict(f"model_dir={classifier_dir}", f"input={source}", f"output={tmp_path / 'new.jsonl'}") == 0
+    assert [r["text"] for r in read_jsonl(tmp_path / "new.jsonl")] == ["line one\nline two, with a comma", 'say "hi"']
