@@ -135,6 +135,9 @@ def check_values(cfg: DictConfig) -> None:
             raise UserError(f"{key}={value} is below {smallest:g} ({meaning}): give {smallest:g} or more.")
         if key == "optim.lr" and value <= 0:
             raise UserError(f"optim.lr={value} trains nothing: give a positive learning rate, e.g. optim.lr=5e-5.")
+    if cfg.get("monitor_mode") not in (None, "min", "max"):
+        raise UserError(f"monitor_mode={cfg.monitor_mode} is not min or max: give monitor_mode=max (accuracy, F1) "
+                        "or min (loss), or leave it out for the task's own.")
     if cfg.get("train") and OmegaConf.select(cfg, "trainer.max_epochs") == 0 and \
             (OmegaConf.select(cfg, "trainer.max_steps") or -1) < 0:
         raise UserError("trainer.max_epochs=0 trains nothing and would export the untrained model: give 1 or more, "
