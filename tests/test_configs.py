@@ -142,7 +142,8 @@ def test_hydra_settings_come_from_hydra_default(tmp_path, overrides):
     assert OmegaConf.to_container(hydra.sweep)["subdir"] == "${hydra.job.num}"
     assert str(OmegaConf.to_container(hydra.sweep)["dir"]).startswith("outputs/multirun/${now:")
     assert hydra.job.chdir is False and hydra.hydra_logging.loggers.alembic.level == "WARNING"
-    assert {k: v._target_ for k, v in hydra.callbacks.items()} == {"check_sweep": "lightning_ft.sweep.CheckSweep",
+    assert {k: v._target_ for k, v in hydra.callbacks.items()} == {"check_run_dir": "lightning_ft.rundir.CheckRunDir",
+                                                                  "check_sweep": "lightning_ft.sweep.CheckSweep",
                                                                   "sweep_summary": "lightning_ft.sweep.SweepSummary"}
     if overrides == ["hydra/launcher=slurm"]:
         assert "submitit" in hydra.launcher._target_ and hydra.launcher.timeout_min == 60

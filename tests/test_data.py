@@ -3,6 +3,7 @@
 import json
 import logging
 import random
+import re
 
 import pytest
 import torch
@@ -149,11 +150,196 @@ def test_unknown_problem_type():
         make_dm(data_dir=".", problem_type="binary")
 
 
-def test_unreadable_file_names_the_file(tmp_path):
-    (tmp_path / "train.jsonl").write_text('{"text": "a", "label": 1}\n{not json\n')
+@pytest.mark.parametrize("name", ["train.jsonl", "train.jsonl.gz", "train.json"])
+def test_a_malformed_json_line_names_the_file_and_line(tmp_path, name):
+    import gzip
+
+    text = '{"text": "a", "label": 1}\n\n{"text": "b", "label": 0}\n{not json\n{"text": "c", "label": 1}\n'
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(text.encode()) if name.endswith(".gz") else text.encode())
     (tmp_path / "validation.jsonl").write_text('{"text": "a", "label": 1}\n')
-    with pytest.raises(UserError, match=r"dataset.data_files.train .*train.jsonl.* could not be read as json"):
+    dm = make_dm(data_dir=str(tmp_path))
+    dm.encode = None  # refused before any tokenizing
+    with pytest.raises(UserError, match=rf"^{re.escape(str(path))}:4 is not JSON \(.*\): write one object a line\.$"):
+        dm.prepare_data()
+
+
+def test_a_json_line_that_is_not_an_object_names_the_file_and_line(tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"text": "a", "label": 1}\n["b", 0]\n')
+    (tmp_path / "validation.jsonl").write_text('{"text": "a", "label": 1}\n')
+    with pytest.raises(UserError, match=r"train.jsonl:2 is a JSON list, not an object: write one object a line"):
         make_dm(data_dir=str(tmp_path)).prepare_data()
+
+
+def test_a_broken_json_document_names_the_file_and_line(tmp_path):
+    (tmp_path / "train.json").write_text('[{"text": "a", "label": 1},\n {"text": "b", "label": 0}\n')  # no ]
+    (tmp_path / "validation.jsonl").write_text('{"text": "a", "label": 1}\n')
+    with pytest.raises(UserError, match=r"train.json:3 is not JSON \(.*\): fix the file\.$"):
+        make_dm(data_dir=str(tmp_path)).prepare_data()
+
+
+# ---- finding the split files in data_dir ---------------------------------------------------------------------------
+def _rows(path, rows=(("good", "pos"), ("bad", "neg"))):
+    return write_tsv(path, ["text", "label"], [list(r) for r in rows])
+
+
+def test_split_files_are_found_by_their_exact_names_only(tmp_path, caplog):
+    _rows(tmp_path / "train.tsv")
+    _rows(tmp_path / "train.bak.tsv", [("old", "x")] * 2)  # sorts before train.tsv: once picked silently
+    _rows(tmp_path / "dev.tsv")
+    _rows(tmp_path / "validation_old.tsv")
+    dm = make_dm(data_dir=str(tmp_path))
+    with caplog.at_level(logging.INFO, logger="lightning_ft.data.base"):
+        assert dm._local_files() == {"train": [tmp_path / "train.tsv"], "validation": [tmp_path / "dev.tsv"]}
+    assert "train.bak.tsv" in caplog.text and "validation_old" not in caplog.text
+    dm.prepare_data()
+    assert dm.id2label == {0: "neg", 1: "pos"}  # train.bak.tsv's single label "x" never came in
+
+
+@pytest.mark.parametrize("alias", ["validation", "valid", "dev", "val"])
+def test_every_validation_alias_and_compressed_files_are_found(tmp_path, alias):
+    import gzip
+
+    (tmp_path / "train.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a", "label": 0}\n{"text": "b", "label": 1}\n'))
+    _rows(tmp_path / f"{alias}.tsv")
+    found = make_dm(data_dir=str(tmp_path))._local_files()
+    assert found == {"train": [tmp_path / "train.jsonl.gz"], "validation": [tmp_path / f"{alias}.tsv"]}
+
+
+@pytest.mark.parametrize("names,split,listed", [
+    (["train.tsv", "train.csv"], "train", "train.csv, train.tsv"),
+    (["dev.tsv", "validation.tsv"], "validation", "validation.tsv, dev.tsv"),  # in SPLIT_NAMES' order
+    (["test.jsonl", "test.jsonl.gz"], "test", "test.jsonl, test.jsonl.gz")])
+def test_several_files_for_one_split_are_refused_naming_them(tmp_path, names, split, listed):
+    for name in {"train.tsv", "validation.tsv", *names}:
+        (tmp_path / name).write_text("text\tlabel\na\t0\n")
+    first = listed.split(", ")[0]
+    with pytest.raises(UserError, match=rf"holds several {split} files \({re.escape(listed)}\): name the one to use "
+                                        rf"with dataset.data_files.{split}={re.escape(first)}\.$"):
+        make_dm(data_dir=str(tmp_path)).prepare_data()
+
+
+# ---- header-less csv/tsv -------------------------------------------------------------------------------------------
+AG_NEWS = ['3,"Wall St. Bears Claw Back Into the Black (Reuters)","Reuters - Short-sellers, Wall Street\'s band"',
+           '4,"Carlyle Looks Toward Commercial Aerospace","Reuters - Private investment firm Carlyle Group"',
+           '3,"Oil and Economy Cloud Stocks\' Outlook","Soaring crude prices plus worries about the economy"']
+
+
+def _ag_news(tmp_path):
+    (tmp_path / "train.csv").write_text("\n".join(AG_NEWS) + "\n")
+    (tmp_path / "test.csv").write_text("\n".join(AG_NEWS[:2]) + "\n")
+    return dict(data_dir=str(tmp_path), data_files={"train": "train.csv", "validation": "test.csv", "test": None},
+                label_column="label")
+
+
+def test_column_names_read_a_csv_without_a_header_row(tmp_path):
+    dm = make_dm(**_ag_news(tmp_path), column_names=["label", "title", "description"], text_column="title")
+    dm.prepare_data()
+    assert len(dm.datasets["train"]) == 3 and set(dm.id2label.values()) == {"3", "4"}
+
+
+def test_column_names_read_a_tsv_without_a_header_row(tmp_path):
+    (tmp_path / "train.tsv").write_text("good film\tpos\nawful\tneg\n")
+    (tmp_path / "dev.tsv").write_text("fine\tpos\n")
+    dm = make_dm(data_dir=str(tmp_path), column_names=["text", "label"])
+    dm.prepare_data()
+    assert len(dm.datasets["train"]) == 2 and len(dm.datasets["validation"]) == 1
+
+
+def test_a_header_row_that_looks_like_data_suggests_column_names(tmp_path):
+    dm = make_dm(**_ag_news(tmp_path), text_column="title")
+    with pytest.raises(UserError, match=r"columns 'title', 'label' are missing from the train split \(it has: 3, "
+                                        r".*\): set dataset.text_column and dataset.label_column to columns it has, "
+                                        r"or, if the file has no header row, name its columns with "
+                                        r"dataset.column_names=\[\.\.\.\] \(3 names, in file order\)\.$"):
+        dm.prepare_data()
+
+
+def test_a_real_header_gets_no_column_names_hint(tmp_path):
+    dm = make_dm(data_dir=str(sample_dir("sst2")), text_column="review")
+    with pytest.raises(UserError) as refused:
+        dm.prepare_data()
+    assert "column_names" not in str(refused.value)
+    assert str(refused.value).endswith("set dataset.text_column to one of those.")
+
+
+def test_column_names_must_match_the_number_of_columns(tmp_path):
+    dm = make_dm(**_ag_news(tmp_path), column_names=["label", "text"], text_column="text")
+    with pytest.raises(UserError, match=r"dataset.column_names has 2 names but the first row of .*train.csv has 3 "
+                                        r"columns: give one name per column, in file order\.$"):
+        dm.prepare_data()
+
+
+def test_column_names_are_for_csv_files_only(tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"text": "a", "label": 0}\n')
+    with pytest.raises(UserError, match=r"dataset.column_names names the columns of header-less csv/tsv files, but "
+                                        r".*train.jsonl is read as json: drop dataset.column_names\."):
+        make_dm(data_dir=str(tmp_path), column_names=["text", "label"], val_fraction=0.5).prepare_data()
+
+
+# ---- several text columns ------------------------------------------------------------------------------------------
+def test_text_column_list_joins_the_columns(tmp_path):
+    settings = dict(**_ag_news(tmp_path), column_names=["label", "title", "description"], cache_dir=str(tmp_path))
+    joined = make_dm(**settings, text_column=["title", "description"])
+    joined.prepare_data()
+    row = joined.datasets["train"][1]
+    text = joined.tokenizer.decode(row["input_ids"], skip_special_tokens=True)
+    assert text == "carlyle looks toward commercial aerospace reuters - private investment firm carlyle group"
+    dashed = make_dm(**settings, text_column=["title", "description"], text_separator=" -- ")
+    dashed.prepare_data()
+    assert dashed.examples_tokenized > 0, "another separator is another cache entry"
+    assert "aerospace - - reuters" in dashed.tokenizer.decode(dashed.datasets["train"][1]["input_ids"])
+    # title + label vs text title with pair description: the same columns, not the same encoding
+    pair = make_dm(**settings, text_column="title", text_pair_column="description")
+    pair.prepare_data()
+    assert pair.examples_tokenized > 0 and pair.datasets["train"][1]["input_ids"] != row["input_ids"]
+    assert joined.preprocessing_settings() != pair.preprocessing_settings()
+
+
+def test_text_column_list_names_each_missing_column(tmp_path):
+    dm = make_dm(data_dir=str(sample_dir("sst2")), text_column=["sentence", "title", "description"])
+    dm.encode = None  # refused before any tokenizing
+    with pytest.raises(UserError, match=r"^columns 'title', 'description' are missing from the train split \(it has: "
+                                        r"sentence, label\): set dataset.text_column to columns it has\.$"):
+        dm.prepare_data()
+
+
+def test_an_empty_text_column_list_is_refused():
+    with pytest.raises(UserError, match=r"dataset.text_column \[\] names no column"):
+        make_dm(data_dir=".", text_column=[])
+
+
+def test_one_text_column_keeps_the_cache_key_of_before():
+    dm = make_dm(data_dir=".", text_column="sentence")
+    assert "text_separator" not in dm.preprocessing_settings() and "text_column" not in dm.preprocessing_settings()
+
+
+# ---- a real-data config without its data_dir -------------------------------------------------------------------------
+@pytest.mark.parametrize("task,dataset", [("translation", "multi30k"), ("summarization", "scitldr"),
+                                          ("clm", "tiny_shakespeare"), ("clm", "wikitext2"), ("mlm", "wikitext2"),
+                                          ("multiple_choice", "openbookqa")])
+def test_a_real_data_config_without_data_dir_says_to_set_it(tmp_path, monkeypatch, task, dataset):
+    """Such a config inherits its sample's settings, but not its folder: `???` there was silently the sample's."""
+    from conftest import compose_config
+    from hydra.utils import instantiate
+
+    monkeypatch.chdir(tmp_path)  # relative data_files are looked for here
+    cfg = compose_config([f"task={task}", f"dataset={dataset}"], tmp_path)
+    assert cfg.dataset.data_dir is None
+    dm = instantiate(cfg.dataset, seed=cfg.seed, _convert_="all")
+    with pytest.raises(UserError, match=r"set dataset.data_dir to the folder"):
+        dm.prepare_data()
+    dm.data_dir = str(tmp_path / "nowhere")
+    with pytest.raises(UserError, match=r"dataset.data_dir '.*nowhere' does not exist"):
+        dm.prepare_data()
+
+
+def test_no_source_at_all_is_one_sentence():
+    with pytest.raises(UserError, match=r"^the dataset has no source: set dataset.data_dir to the folder of its files "
+                                        r"\(or dataset.hub_name to a Hugging Face Hub dataset\)\.$"):
+        make_dm().prepare_data()
+    with pytest.raises(UserError, match=r"^the dataset has no source"):
+        make_dm()._local_files()  # streaming reads the local files directly: no silent search of the cwd
 
 
 def test_unknown_backbone_offline_names_the_fix():

@@ -226,6 +226,31 @@ def test_lightning_fit_loop_should_accumulate_is_false_on_batches_that_step():
     assert log == [True, False, True, False, False]
 
 
+@pytest.mark.filterwarnings("ignore")
+def test_lightning_batch_progress_counts_every_epochs_batches_and_num_training_batches_is_an_epochs_length():
+    """lightning_ft/data/base.py, ``_epoch_of_next_batch``: ``trainer.fit_loop.epoch_loop.batch_progress.total.ready``
+    counts the training batches fetched over every epoch (not reset per epoch), and ``trainer.num_training_batches``
+    is one epoch's batches (after limit_train_batches) by the time an epoch's iterator is made."""
+    seen: list[tuple[int, int]] = []
+    module = _position_module(reset=False)
+
+    def train_dataloader():
+        class Counting(torch.utils.data.Sampler):
+            def __iter__(self):
+                trainer = module.trainer
+                seen.append((trainer.fit_loop.epoch_loop.batch_progress.total.ready, trainer.num_training_batches))
+                return iter(range(6))
+
+            def __len__(self):
+                return 6
+
+        return torch.utils.data.DataLoader(torch.arange(6.0), batch_size=1, sampler=Counting())
+
+    module.train_dataloader = train_dataloader
+    _trainer(max_epochs=3, limit_train_batches=4, enable_checkpointing=False).fit(module)
+    assert seen == [(0, 4), (4, 4), (8, 4)]
+
+
 def test_lightning_module_underscore_trainer_is_none_until_attached():
     """lightning_ft/tasks/base.py, ``TaskModule.on_load_checkpoint``: a LightningModule's ``_trainer`` is None while
     no Trainer is attached (``module.trainer`` then raises, hence the check on ``_trainer``), and is the Trainer

@@ -10,7 +10,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,8 @@ SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "valid", "dev",
 # Builders of `datasets` for local files, by extension (".gz" and friends are stripped first).
 _BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 _COMPRESSION = {".gz", ".bz2", ".xz", ".zst"}
+NO_SOURCE = ("the dataset has no source: set dataset.data_dir to the folder of its files (or dataset.hub_name to a "
+             "Hugging Face Hub dataset).")
 # Bump when what `encode` writes changes in a way the fingerprint cannot see, so stale caches are not reused.
 CACHE_VERSION = 1
 
@@ -45,16 +49,37 @@ def _builder_for(path: Path) -> str:
 
 
 def open_text(path: Path):
-    """A text file for reading, gzip-compressed ones (``.gz``) too."""
+    """A text file for reading, gzip-, bzip2- and xz-compressed ones (``.gz``, ``.bz2``, ``.xz``) too."""
+    import bz2
     import gzip
+    import lzma
 
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(path.suffix.lower())
+    return opener(path, "rt", encoding="utf-8") if opener else path.open(encoding="utf-8")
+
+
+def split_files(root: Path, names: tuple[str, ...]) -> tuple[list[Path], list[Path]]:
+    """The files of ``root`` that hold one split, whose names (its own and its aliases, ``SPLIT_NAMES``) are given:
+    those named exactly ``<name>.<ext>`` (a compression suffix allowed: ``train.jsonl.gz``), in the order of
+    ``names``; and those that only start so (``train.bak.tsv``), which are not used."""
+    exact: list[Path] = []
+    near: list[Path] = []
+    files = sorted(p for p in root.iterdir() if p.is_file()) if root.is_dir() else []
+    for name in names:
+        for path in files:
+            if not path.name.startswith(f"{name}."):
+                continue
+            parts = path.name.split(".")
+            if len(parts) > 2 and f".{parts[-1].lower()}" in _COMPRESSION:
+                parts = parts[:-1]
+            (exact if len(parts) == 2 else near).append(path)
+    return exact, near
 
 
 def iter_jsonl(source: Path):
-    """``(line number, value)`` for every non-blank line of a JSON-lines file; a line that is not JSON is an error
-    naming the file and line."""
-    with source.open(encoding="utf-8") as handle:
+    """``(line number, value)`` for every non-blank line of a JSON-lines file (``.gz`` too); a line that is not JSON
+    is an error naming the file and line."""
+    with open_text(source) as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -62,6 +87,38 @@ def iter_jsonl(source: Path):
                 yield number, json.loads(line)
             except json.JSONDecodeError as err:
                 raise UserError(f"{source}:{number} is not JSON ({err.msg}): write one object a line.") from err
+
+
+def _first_bad_json(path: Path) -> str | None:
+    """Where a JSON or JSON-lines file stops being readable, as one sentence naming the file and line (None where
+    every line is a JSON object, or a ``.json`` file holds one JSON document)."""
+    if ".jsonl" not in path.suffixes:
+        with open_text(path) as handle:
+            text = handle.read()
+        try:
+            json.loads(text)
+            return None  # one JSON document: whatever is wrong with it, it is not its syntax
+        except json.JSONDecodeError as err:
+            first = next((line for line in text.splitlines() if line.strip()), "")
+            try:
+                json.loads(first)
+            except json.JSONDecodeError:  # not JSON lines either: the document's own error
+                return f"{path}:{err.lineno} is not JSON ({err.msg}): fix the file."
+    try:
+        for number, value in iter_jsonl(path):
+            if not isinstance(value, dict):
+                return f"{path}:{number} is a JSON {type(value).__name__}, not an object: write one object a line."
+    except UserError as err:
+        return str(err)
+    return None
+
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*(\.[0-9]+)?|Unnamed: [0-9]+")
+
+
+def _looks_like_data(columns: list[str]) -> bool:
+    """Whether a csv/tsv header row reads like a row of data (numbers, sentences), as a file without one gives."""
+    return any(not _IDENTIFIER.fullmatch(str(c)) for c in columns)
 
 
 def dotted_field(row: dict, path: str) -> Any:
@@ -108,15 +165,21 @@ class EpochShuffle(Sampler[int]):
     length as transformers' ``LengthGroupedSampler`` does (shuffled mega-batches of 50 batches, sorted by length
     inside): far less padding, the epoch still shuffled."""
 
-    def __init__(self, size: int, seed: int, lengths: list[int] | None = None, batch_size: int = 1) -> None:
+    def __init__(self, size: int, seed: int, lengths: list[int] | None = None, batch_size: int = 1,
+                 epoch_of: Callable[[], int | None] | None = None) -> None:
         self.size, self.seed, self.lengths, self.batch_size = size, seed, lengths, batch_size
         self.epoch = 0
+        # The epoch the next batch belongs to, from the batches trained so far (``_loader``). Lightning's own epoch
+        # number (set_epoch) counts a resumed iteration-based run's end-of-epoch checkpoint twice: it would replay
+        # the epoch after the one an uninterrupted run trains.
+        self.epoch_of = epoch_of
 
     def set_epoch(self, epoch: int) -> None:  # Lightning calls it before each epoch (also through DDP's wrapper)
         self.epoch = epoch
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        counted = self.epoch_of() if self.epoch_of is not None else None
+        generator = torch.Generator().manual_seed(self.seed + (self.epoch if counted is None else counted))
         if self.lengths is None:
             return iter(torch.randperm(self.size, generator=generator).tolist())
         from transformers.trainer_pt_utils import get_length_grouped_indices
@@ -125,6 +188,15 @@ class EpochShuffle(Sampler[int]):
 
     def __len__(self) -> int:
         return self.size
+
+
+def _epoch_of_next_batch(trainer: Any) -> int | None:
+    """Training batches fetched so far (over every epoch, restored from a checkpoint) over the batches an epoch has:
+    the epoch an uninterrupted run would be in. None before Lightning knows the epoch's length."""
+    per_epoch = trainer.num_training_batches
+    if not isinstance(per_epoch, int) or per_epoch <= 0:
+        return None
+    return trainer.fit_loop.epoch_loop.batch_progress.total.ready // per_epoch
 
 
 class ResumableLoader(StatefulDataLoader):
@@ -143,7 +215,10 @@ class TaskDataModule(pl.LightningDataModule):
 
     Data comes from local files (``data_dir`` and/or ``data_files``: csv, tsv, json, jsonl, parquet, txt, gz
     allowed) or, when no local path is given, from the Hugging Face Hub (``hub_name``, ``hub_config``; ``hub_splits``
-    and ``hub_rename`` map the hub's split and column names to the local ones).
+    and ``hub_rename`` map the hub's split and column names to the local ones). In a ``data_dir``, each split is the
+    one file named ``<split>.<ext>`` (validation: also ``valid``, ``dev`` or ``val``); ``data_files`` names them
+    otherwise. ``column_names`` names the columns of csv/tsv files that have no header row.
+    A null entry of ``data_files`` or ``hub_splits`` (the configs list every split) means "not given".
     ``group_by_length`` (default) batches training rows of similar length together: far less padding, same
     shuffling. ``num_workers`` null picks loader workers for the device (some on a GPU, none on CPU).
     Tokenization runs once per split and is cached by ``datasets`` under a key made of the raw data's fingerprint,
@@ -163,7 +238,8 @@ class TaskDataModule(pl.LightningDataModule):
         hub_splits: dict[str, str] | None = None,
         hub_rename: dict[str, str] | None = None,
         data_dir: str | None = None,
-        data_files: dict[str, str | list[str]] | None = None,
+        data_files: dict[str, str | list[str] | None] | None = None,
+        column_names: list[str] | None = None,
         reader_kwargs: dict[str, Any] | None = None,
         val_fraction: float | None = None,
         max_train_examples: int | None = None,
@@ -173,7 +249,7 @@ class TaskDataModule(pl.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int | None = None,
         pad_to_multiple_of: int | None = None,
-        group_by_length: bool = True,
+        group_by_length: bool | None = True,
         cache_dir: str | None = None,
         seed: int = 42,
     ) -> None:
@@ -181,10 +257,11 @@ class TaskDataModule(pl.LightningDataModule):
         self.tokenizer: Any = None
         self.hub_name = hub_name
         self.hub_config = hub_config
-        self.hub_splits = dict(hub_splits or {})
+        self.hub_splits = {k: v for k, v in (hub_splits or {}).items() if v is not None}
         self.hub_rename = dict(hub_rename or {})
         self.data_dir = data_dir
-        self.data_files = dict(data_files or {})
+        self.data_files = {k: v for k, v in (data_files or {}).items() if v is not None}
+        self.column_names = list(column_names) if column_names else None
         self.reader_kwargs = dict(reader_kwargs or {})
         self.val_fraction = val_fraction
         self.max_train_examples = max_train_examples
@@ -194,7 +271,7 @@ class TaskDataModule(pl.LightningDataModule):
         self.eval_batch_size = eval_batch_size or 2 * batch_size
         self.num_workers = num_workers
         self.pad_to_multiple_of = pad_to_multiple_of
-        self.group_by_length = group_by_length
+        self.group_by_length = bool(group_by_length)  # null (a task that decides for itself, left undecided): off
         self.cache_dir = cache_dir
         self.seed = seed
         self.datasets: dict[str, Any] | None = None
@@ -203,6 +280,7 @@ class TaskDataModule(pl.LightningDataModule):
         self.truncated: dict[str, int] = {}
         # split -> kind of bad input -> how many rows (or which example ids), reported in the run's summary
         self.problems: dict[str, dict[str, Any]] = {}
+        self._read_as: dict[str, str] = {}  # split -> the datasets builder its local files were read with
         if tokenizer is not None:
             self.connect(tokenizer)
 
@@ -227,6 +305,11 @@ class TaskDataModule(pl.LightningDataModule):
     def required_columns(self, split: str) -> list[str]:
         """The raw columns ``encode`` reads from ``split``."""
         raise NotImplementedError
+
+    def column_options(self) -> dict[str, str]:
+        """The config key that names each required column (``{"sentence": "dataset.text_column"}``), for the
+        missing-column error; a column not in it is named "the dataset's column option"."""
+        return {}
 
     def fit_labels(self, train: Any) -> None:
         """Learn the label set from the raw training split (called before ``check_split`` and ``encode``)."""
@@ -273,6 +356,8 @@ class TaskDataModule(pl.LightningDataModule):
 
     # ---- loading -----------------------------------------------------------------------------------------------
     def _local_files(self) -> dict[str, list[Path]]:
+        if not self.data_dir and not self.data_files:
+            raise UserError(NO_SOURCE)
         root = Path(self.data_dir).expanduser() if self.data_dir else Path(".")
         if self.data_dir and not root.is_dir():
             raise UserError(
@@ -280,15 +365,7 @@ class TaskDataModule(pl.LightningDataModule):
             )
         files = self.data_files
         if not files:  # discover train/validation/test files in data_dir
-            for split, names in SPLIT_NAMES.items():
-                found = sorted(p for n in names for p in root.glob(f"{n}.*") if p.is_file())
-                if found:
-                    files[split] = [str(found[0].name)]
-            if not files:
-                raise UserError(
-                    f"dataset.data_dir '{self.data_dir}' has no train/validation/test files: name them "
-                    "train.<ext>, validation.<ext>, test.<ext> or list them in dataset.data_files."
-                )
+            files = self._discover(root)
         resolved: dict[str, list[Path]] = {}
         for split, names in files.items():
             if split not in SPLITS:
@@ -296,12 +373,36 @@ class TaskDataModule(pl.LightningDataModule):
             paths = [root / n for n in ([names] if isinstance(names, str) else names)]
             for p in paths:
                 if not p.is_file():
+                    fix = ("fix dataset.data_dir or dataset.data_files" if self.data_dir or p.is_absolute() else
+                           "set dataset.data_dir to the folder that holds it, or fix dataset.data_files")
                     raise UserError(
-                        f"dataset.data_files.{split} '{p}' does not exist (resolved to {p.resolve()}): "
-                        "fix dataset.data_dir or dataset.data_files."
+                        f"dataset.data_files.{split} '{p}' does not exist (resolved to {p.resolve()}): {fix}."
                     )
             resolved[split] = paths
         return resolved
+
+    def _discover(self, root: Path) -> dict[str, list[str]]:
+        """Each split's file in ``data_dir``: the one named exactly ``<split>.<ext>`` (or an alias: dev.tsv)."""
+        files: dict[str, list[str]] = {}
+        for split, names in SPLIT_NAMES.items():
+            found, ignored = split_files(root, names)
+            if len(found) > 1:
+                raise UserError(
+                    f"dataset.data_dir '{self.data_dir}' holds several {split} files "
+                    f"({', '.join(p.name for p in found)}): name the one to use with "
+                    f"dataset.data_files.{split}={found[0].name}."
+                )
+            if ignored:
+                log.info("Not used as the %s split (not named exactly %s.<ext>): %s", split, "/".join(names),
+                         ", ".join(p.name for p in ignored))
+            if found:
+                files[split] = [found[0].name]
+        if not files:
+            raise UserError(
+                f"dataset.data_dir '{self.data_dir}' has no train/validation/test files: name them "
+                "train.<ext>, validation.<ext>, test.<ext> or list them in dataset.data_files."
+            )
+        return files
 
     def read_local(self, split: str, paths: list[Path]) -> Any:
         """Read one split's local files with the ``datasets`` builder their extension names."""
@@ -312,6 +413,11 @@ class TaskDataModule(pl.LightningDataModule):
         if builder == "csv" and paths[0].suffixes and ".tsv" in paths[0].suffixes:
             kwargs.setdefault("delimiter", "\t")
             kwargs.setdefault("quoting", 3)  # csv.QUOTE_NONE: GLUE-style TSVs hold bare quote characters
+        if self.column_names:
+            self._check_column_names(builder, paths, kwargs)
+            kwargs.setdefault("column_names", self.column_names)
+            kwargs.setdefault("header", None)
+        self._read_as[split] = builder
         try:
             return datasets.load_dataset(
                 builder, data_files=[str(p) for p in paths], split="train", cache_dir=self.cache_dir, **kwargs
@@ -323,10 +429,33 @@ class TaskDataModule(pl.LightningDataModule):
                     f"the {split} split of the dataset is empty ({', '.join(map(str, paths))}): "
                     "give it at least one row."
                 ) from err
+            if builder == "json":  # datasets does not say which line; find the first bad one
+                where = next(filter(None, map(_first_bad_json, paths)), None)
+                if where:
+                    raise UserError(where) from err
             raise UserError(
                 f"dataset.data_files.{split} {[str(p) for p in paths]} could not be read as {builder}: "
                 f"{err.__cause__ or err}. Fix the file or dataset.reader_kwargs."
             ) from err
+
+    def _check_column_names(self, builder: str, paths: list[Path], kwargs: dict[str, Any]) -> None:
+        """``column_names`` is for header-less csv/tsv files, one name a column."""
+        import csv
+
+        if builder != "csv":
+            raise UserError(
+                f"dataset.column_names names the columns of header-less csv/tsv files, but {paths[0]} is read as "
+                f"{builder}: drop dataset.column_names."
+            )
+        for path in (p for p in paths if p.suffix.lower() != ".zst"):  # zstd: no reader in the standard library
+            with open_text(path) as handle:
+                first = next(csv.reader(handle, delimiter=kwargs.get("delimiter", kwargs.get("sep", ",")),
+                                        quoting=kwargs.get("quoting", csv.QUOTE_MINIMAL)), None)
+            if first is not None and len(first) != len(self.column_names):
+                raise UserError(
+                    f"dataset.column_names has {len(self.column_names)} names but the first row of {path} has "
+                    f"{len(first)} columns: give one name per column, in file order."
+                )
 
     def read_splits(self) -> dict[str, Any]:
         """The splits the source holds (local files or the hub), as ``datasets.Dataset`` objects."""
@@ -348,7 +477,7 @@ class TaskDataModule(pl.LightningDataModule):
                 if source in loaded:
                     raw[split] = loaded[source].rename_columns(self.hub_rename) if self.hub_rename else loaded[source]
         else:
-            raise UserError("the dataset has no source: set dataset.data_dir (local files) or dataset.hub_name.")
+            raise UserError(NO_SOURCE)
         return raw
 
     def load_raw(self) -> dict[str, Any]:
@@ -356,7 +485,8 @@ class TaskDataModule(pl.LightningDataModule):
         (``val_fraction``), and cut to ``max_train_examples``/``max_eval_examples``."""
         raw = self.read_splits()
         if "train" not in raw:
-            raise UserError("the dataset has no train split: add dataset.data_files.train (or a train.* file).")
+            raise UserError("the dataset has no train split: add dataset.data_files.train (or a train.<ext> file "
+                            "in dataset.data_dir).")
         if "validation" not in raw and self.val_fraction:
             parts = raw["train"].train_test_split(test_size=self.val_fraction, seed=self.seed)
             raw["train"], raw["validation"] = parts["train"], parts["test"]
@@ -373,15 +503,25 @@ class TaskDataModule(pl.LightningDataModule):
         return raw
 
     def _check_columns(self, raw: dict[str, Any]) -> None:
+        options = self.column_options()
         for split, data in raw.items():
             if len(data) == 0:
                 raise UserError(f"the {split} split of the dataset is empty: give it at least one row.")
-            missing = [c for c in self.required_columns(split) if c not in data.column_names]
-            if missing:
-                raise UserError(
-                    f"column '{missing[0]}' is missing from the {split} split (it has: {', '.join(data.column_names)})"
-                    f": set the dataset's column option to one of those."
-                )
+            missing = list(dict.fromkeys(c for c in self.required_columns(split) if c not in data.column_names))
+            if not missing:
+                continue
+            keys = list(dict.fromkeys(options.get(c, "the dataset's column option") for c in missing))
+            if len(missing) == 1:
+                what = f"column '{missing[0]}' is missing"
+                fix = f"set {keys[0]} to one of those"
+            else:
+                what = f"columns {', '.join(repr(c) for c in missing)} are missing"
+                fix = f"set {' and '.join(keys)} to columns it has"
+            if self._read_as.get(split) == "csv" and not self.column_names and _looks_like_data(data.column_names):
+                fix += (f", or, if the file has no header row, name its columns with dataset.column_names=[...] "
+                        f"({len(data.column_names)} names, in file order)")
+            has = ", ".join(c if len(c) <= 40 else f"{c[:37]}..." for c in map(str, data.column_names))
+            raise UserError(f"{what} from the {split} split (it has: {has}): {fix}.")
 
     # ---- Lightning hooks ---------------------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -480,6 +620,7 @@ class TaskDataModule(pl.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
             sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed)
+            sampler.epoch_of = lambda: _epoch_of_next_batch(trainer)
         return ResumableLoader(
             data,
             batch_size=self.batch_size,

@@ -76,7 +76,8 @@ class LanguageModelingData(TaskDataModule):
             raise UserError("dataset.document_attention=isolated only means something with packing=group_texts.")
         if not 0 < mlm_probability < 1:
             raise UserError(f"dataset.mlm_probability={mlm_probability} must be between 0 and 1 (BERT: 0.15).")
-        kwargs.setdefault("group_by_length", packing == "line_by_line")  # packed blocks are all one length
+        if kwargs.get("group_by_length") is None:  # null (the config's default): packed blocks are all one length
+            kwargs["group_by_length"] = packing == "line_by_line"
         self.objective = objective
         self.text_column = text_column
         self.documents = documents

@@ -18,6 +18,9 @@ class TextClassificationData(TaskDataModule):
     """Rows of ``text_column`` (and ``text_pair_column`` for pairs) with a label in ``label_column``.
 
     Args:
+        text_column: the text's column, or a list of columns joined with ``text_separator`` into one text (AG News'
+            ``[title, description]``).
+        text_separator: what joins the columns of a list ``text_column`` (a space).
         problem_type: ``single_label_classification``, ``multi_label_classification`` or ``regression``;
             inferred from the training labels when null.
         label_names: the label order (and, for integer labels, their names); from the training data when null.
@@ -27,7 +30,8 @@ class TextClassificationData(TaskDataModule):
     def __init__(
         self,
         *,
-        text_column: str = "text",
+        text_column: str | list[str] = "text",
+        text_separator: str = " ",
         text_pair_column: str | None = None,
         label_column: str = "label",
         problem_type: str | None = None,
@@ -39,6 +43,11 @@ class TextClassificationData(TaskDataModule):
         if problem_type is not None and problem_type not in PROBLEM_TYPES:
             raise UserError(f"dataset.problem_type '{problem_type}' is not one of {', '.join(PROBLEM_TYPES)}.")
         self.text_column = text_column
+        self.text_columns = [text_column] if isinstance(text_column, str) else list(text_column or [])
+        if not self.text_columns or not all(isinstance(c, str) and c for c in self.text_columns):
+            raise UserError(f"dataset.text_column {text_column!r} names no column: give a column name or a list of "
+                            "them (dataset.text_column=[title,description]).")
+        self.text_separator = text_separator
         self.text_pair_column = text_pair_column
         self.label_column = label_column
         self.problem_type = problem_type
@@ -134,20 +143,33 @@ class TextClassificationData(TaskDataModule):
 
     # ---- preprocessing -----------------------------------------------------------------------------------------
     def required_columns(self, split: str) -> list[str]:
-        columns = [self.text_column, self.label_column]
+        columns = [*self.text_columns, self.label_column]
         return columns + ([self.text_pair_column] if self.text_pair_column else [])
 
+    def column_options(self) -> dict[str, str]:
+        options = {self.label_column: "dataset.label_column", self.text_pair_column: "dataset.text_pair_column"}
+        return {**options, **{c: "dataset.text_column" for c in self.text_columns}}
+
     def preprocessing_settings(self) -> dict[str, Any]:
+        joined = {"text_column": self.text_columns, "text_separator": self.text_separator}
         return {
             **super().preprocessing_settings(),
+            **(joined if len(self.text_columns) > 1 else {}),  # one column: the key of the caches made before
             "problem_type": self.problem_type,
             "label2id": sorted((str(k), v) for k, v in self.label2id.items()),
             "label_separator": self.label_separator,
         }
 
+    def texts(self, batch: dict[str, list]) -> list:
+        """The text of each row: its ``text_column``, or its text columns joined with ``text_separator``."""
+        if len(self.text_columns) == 1:
+            return batch[self.text_columns[0]]
+        return [self.text_separator.join(str(v) for v in values if v is not None)
+                for values in zip(*(batch[c] for c in self.text_columns))]
+
     def encode(self, batch: dict[str, list]) -> dict[str, list]:
         pairs = batch[self.text_pair_column] if self.text_pair_column else None
-        encoding = self.tokenizer(batch[self.text_column], pairs, truncation=True, max_length=self.max_length)
+        encoding = self.tokenizer(self.texts(batch), pairs, truncation=True, max_length=self.max_length)
         self.count_truncated(encoding)
         labels = batch[self.label_column]
         if self.problem_type == REGRESSION:
