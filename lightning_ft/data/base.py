@@ -299,7 +299,13 @@ class TaskDataModule(pl.LightningDataModule):
     # ---- what a task subclass provides -------------------------------------------------------------------------
     def check_tokenizer(self, tokenizer: Any) -> Any:
         """Refuse a tokenizer the task cannot use (a UserError); return the one to use (e.g. reloaded with
-        ``add_prefix_space``)."""
+        ``add_prefix_space``). By default: ``max_length`` must fit the backbone's positions, which its tokenizer's
+        ``model_max_length`` states (a longer batch would fail at the first long example, deep in the model)."""
+        limit = getattr(tokenizer, "model_max_length", None)
+        # A tokenizer that states no limit says 1e30 or so.
+        if isinstance(limit, int) and limit < 1_000_000 and self.max_length > limit:
+            raise UserError(f"dataset.max_length={self.max_length} is longer than the backbone takes ({limit} tokens: "
+                            f"its tokenizer's model_max_length): set dataset.max_length={limit} or less.")
         return tokenizer
 
     def required_columns(self, split: str) -> list[str]:

@@ -104,8 +104,8 @@ class TokenClassificationData(TaskDataModule):
         require_fast_tokenizer(tokenizer)
         if getattr(tokenizer, "add_prefix_space", None) is False:
             # Byte-level BPE (RoBERTa, GPT-2, DeBERTa) refuses pre-split words unless it adds the space itself.
-            return type(tokenizer).from_pretrained(tokenizer.name_or_path, add_prefix_space=True)
-        return tokenizer
+            tokenizer = type(tokenizer).from_pretrained(tokenizer.name_or_path, add_prefix_space=True)
+        return super().check_tokenizer(tokenizer)
 
     # ---- reading -----------------------------------------------------------------------------------------------
     def read_local(self, split: str, paths: list[Path]) -> Any:

@@ -202,6 +202,10 @@ class Seq2SeqData(TaskDataModule):
                             "them whole.", count, len(cut), split, kind.split("_")[0], limit,
                             getattr(self, limit))
 
+    def check_tokenizer(self, tokenizer: Any) -> Any:
+        # No length check: T5's relative positions take sources of any length, whatever model_max_length says.
+        return tokenizer
+
     def make_collator(self) -> Any:
         from transformers import DataCollatorForSeq2Seq
 
