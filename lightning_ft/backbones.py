@@ -1,7 +1,10 @@
-"""Load a pretrained model and tokenizer (hub name or local directory), or build a fresh model from a config."""
+"""Load a pretrained model and tokenizer (hub name or local directory), or build a fresh model from a config; and
+read a model's anatomy (its task head, its layer lists, each parameter's depth) to freeze parts of it, put adapters
+on its layers (lightning_ft/peft.py) or give each depth its own learning rate (lightning_ft/optim.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -115,31 +118,22 @@ def load_model(
     tokenizer: str | None = None,
     train_tokenizer: dict | None = None,
     gguf_file: str | None = None,
+    init_seed: int | None = None,
+    load_kwargs: dict[str, Any] | None = None,
     **task_config: Any,
 ):
     """Load ``auto_class`` (e.g. ``AutoModelForSequenceClassification``) pretrained, or fresh from its config.
 
     ``task_config`` (``num_labels``, ``id2label``, ``problem_type``...) is set on the model config. A fresh model
     gets its vocabulary size and special token ids from ``tokenizer`` (e.g. one trained by ``train_tokenizer``).
+    ``init_seed``: the weights a model does not load (all of a fresh model's, a new head's) are drawn from this
+    seed, so the same settings rebuild the same weights: a run that trains part of the model saves only that part.
+    ``load_kwargs``: more ``from_pretrained`` arguments (QLoRA's quantization).
     """
     config = load_config(name, model_type, config_overrides, gguf_file, **task_config)
     try:
-        if pretrained and name:
-            if config_overrides:
-                raise UserError(
-                    "backbone.config_overrides change the architecture, which a pretrained checkpoint cannot load: "
-                    "set backbone.pretrained=false to build a fresh model, or remove the overrides."
-                )
-            model = auto_class.from_pretrained(resolve_name(name), config=config, **_gguf(name, gguf_file))
-            if gguf_file:
-                # The GGUF weights are dequantised into plain floats on load: with the quantizer and its config still
-                # attached, save_pretrained refuses ("quantized with gguf and is not serializable").
-                model.hf_quantizer = None
-                model.config.__dict__.pop("quantization_config", None)
-            return model
-        if tokenizer:
-            match_tokenizer(config, load_tokenizer(tokenizer=tokenizer))
-        return auto_class.from_config(config)
+        with _seeded(init_seed):
+            return _build(auto_class, config, name, pretrained, config_overrides, tokenizer, gguf_file, load_kwargs)
     except ValueError as err:
         if "Unrecognized configuration class" not in str(err):
             raise
@@ -148,6 +142,40 @@ def load_model(
             f"backbone '{name or model_type}' is a {config.model_type} model, which {auto_class.__name__} cannot "
             f"build: this task needs {kind} model (e.g. T5, BART, Marian, mBART for seq2seq). Pick another backbone."
         ) from err
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None):
+    """The torch random generator seeded with ``seed`` inside, and left as it was outside (none: untouched)."""
+    if seed is None:
+        yield
+        return
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _build(auto_class: Any, config: Any, name: str | None, pretrained: bool, config_overrides: dict | None,
+           tokenizer: str | None, gguf_file: str | None, load_kwargs: dict[str, Any] | None) -> Any:
+    if pretrained and name:
+        if config_overrides:
+            raise UserError(
+                "backbone.config_overrides change the architecture, which a pretrained checkpoint cannot load: "
+                "set backbone.pretrained=false to build a fresh model, or remove the overrides."
+            )
+        model = auto_class.from_pretrained(resolve_name(name), config=config, **_gguf(name, gguf_file),
+                                           **(load_kwargs or {}))
+        if gguf_file:
+            # The GGUF weights are dequantised into plain floats on load: with the quantizer and its config still
+            # attached, save_pretrained refuses ("quantized with gguf and is not serializable").
+            model.hf_quantizer = None
+            model.config.__dict__.pop("quantization_config", None)
+        return model
+    if tokenizer:
+        match_tokenizer(config, load_tokenizer(tokenizer=tokenizer))
+    return auto_class.from_config(config)
 
 
 def match_tokenizer(config: Any, tokenizer: Any) -> None:
@@ -169,3 +197,128 @@ def match_tokenizer(config: Any, tokenizer: Any) -> None:
     if getattr(config, "is_encoder_decoder", False) and getattr(config, "decoder_start_token_id", None) is None:
         config.decoder_start_token_id = tokenizer.pad_token_id  # T5's and Marian's convention (T5 leaves it unset)
     config.vocab_size = len(tokenizer)
+
+
+# ---- anatomy: what is the head, where are the layers, how deep is each parameter ----------------------------------
+def linear_types() -> tuple[type, ...]:
+    """The layer types that hold a weight matrix: ``nn.Linear`` and GPT-2's ``Conv1D`` (a transposed linear)."""
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    return nn.Linear, Conv1D
+
+
+def head_modules(model: Any) -> list[str]:
+    """The top-level modules a task adds on the backbone (BERT's ``classifier``, ``qa_outputs``, GPT-2's ``score``,
+    DistilBERT's ``pre_classifier`` and ``classifier``): the children beside the base model, less one that holds
+    the output embeddings (a language model's head is the pretrained vocabulary projection, often tied to the input
+    embeddings). A bare model, or one that is its own base (T5), has none."""
+    base = getattr(model, "base_model", model)
+    if base is model:
+        return []
+    output = model.get_output_embeddings()
+    return [name for name, child in model.named_children()
+            if child is not base and next(child.parameters(), None) is not None
+            and not (output is not None and any(m is output for m in child.modules()))]
+
+
+def layer_stacks(model: Any) -> list[tuple[str, int]]:
+    """The backbone's layer lists as (module name, number of layers), in the order the input flows through them:
+    the outermost ``ModuleList`` s outside the head (BERT ``bert.encoder.layer``, Llama ``model.layers``, GPT-2
+    ``transformer.h``, T5 ``encoder.block`` then ``decoder.block``)."""
+    from torch import nn
+
+    head = head_modules(model)
+    found: list[tuple[str, int]] = []
+    for name, module in model.named_modules():
+        inside = [*head, *(stack for stack, _ in found)]
+        if isinstance(module, nn.ModuleList) and len(module) and \
+                not any(name == h or name.startswith(h + ".") for h in inside):
+            found.append((name, len(module)))
+    return found
+
+
+def parameter_depths(model: Any) -> tuple[dict[str, int], int]:
+    """Each trainable-or-not parameter's depth in the order the input meets it, and the number of layers ``L``: 0
+    the embeddings, ``i + 1`` the ``i``-th layer (an encoder-decoder's decoder layers come after its encoder's),
+    ``L + 1`` the rest (the head, final norms, a pooler). Embeddings are the parameters outside the layers that
+    belong to an ``nn.Embedding`` or to a module named ``*embed*`` (BERT's ``embeddings.LayerNorm`` too)."""
+    from torch import nn
+
+    stacks = layer_stacks(model)
+    offsets, total = {}, 0
+    for stack, count in stacks:
+        offsets[stack] = total
+        total += count
+    embedding_modules = {name for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    head = head_modules(model)
+    depths = {}
+    for name, _ in model.named_parameters():
+        owner = name.rsplit(".", 1)[0]
+        stack = next((s for s in offsets if name.startswith(s + ".")), None)
+        if stack is not None:
+            depths[name] = offsets[stack] + int(name[len(stack) + 1:].split(".", 1)[0]) + 1
+        elif not any(name.startswith(h + ".") for h in head) and (
+                owner in embedding_modules or any("embed" in part.lower() for part in owner.split("."))):
+            depths[name] = 0
+        else:
+            depths[name] = total + 1
+    return depths, total
+
+
+def stack_linear_names(model: Any) -> list[str]:
+    """The names (last part) of the weight-matrix layers inside the backbone's layers, in the order they come:
+    BERT ``query, key, value, dense``, Llama ``q_proj ... down_proj``, T5 ``q, k, v, o, wi, wo``, GPT-2
+    ``c_attn, c_proj, c_fc``."""
+    stacks = [stack for stack, _ in layer_stacks(model)]
+    kinds = linear_types()
+    return list(dict.fromkeys(name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                              if isinstance(module, kinds) and any(name.startswith(s + ".") for s in stacks)))
+
+
+FREEZE_CHOICES = "embeddings, a number of layers N (the embeddings and the first N layers), or all"
+
+
+def freeze(model: Any, spec: Any) -> None:
+    """Fix part of the backbone (``backbone.freeze``): ``embeddings``, an int N (the embeddings and the first N
+    layers), or ``all`` (the whole backbone: a linear probe, the head alone trains); None: nothing."""
+    if spec is None:
+        return
+    depths, layers = parameter_depths(model)
+    if spec == "all":
+        head = head_modules(model)
+        if not head:
+            raise UserError(f"backbone.freeze=all leaves nothing to train: this task's {type(model).__name__} has no "
+                            "head of its own beside the backbone; freeze a number of layers, or use peft=lora.")
+        fixed = {n for n in depths if not any(n.startswith(h + ".") for h in head)}
+    elif spec == "embeddings":
+        fixed = {n for n, d in depths.items() if d == 0}
+    elif isinstance(spec, int) and not isinstance(spec, bool) and spec >= 0:
+        if not layers:
+            raise UserError(f"backbone.freeze={spec} counts layers, and no layer list was found in "
+                            f"{type(model).__name__}: freeze embeddings or all instead.")
+        if spec > layers:
+            where = ", ".join(f"{count} in {stack}" for stack, count in layer_stacks(model))
+            raise UserError(f"backbone.freeze={spec} is more layers than {type(model).__name__} has ({where}): give "
+                            f"0 to {layers}, embeddings, or all.")
+        fixed = {n for n, d in depths.items() if d <= spec}
+    else:
+        raise UserError(f"backbone.freeze={spec!r} is not a choice: give {FREEZE_CHOICES}, or null.")
+    for name, param in model.named_parameters():
+        if name in fixed:
+            param.requires_grad_(False)
+
+
+def enable_gradient_checkpointing(model: Any) -> None:
+    """Recompute each layer's activations in the backward pass instead of keeping them (``backbone.
+    gradient_checkpointing``): less memory for about a third more compute."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise UserError(f"backbone.gradient_checkpointing=true: {type(model).__name__} does not support gradient "
+                        "checkpointing in transformers; set backbone.gradient_checkpointing=false.")
+    # Non-reentrant checkpointing (transformers' default here too) gives the gradients of parameters inside a layer
+    # even when the layer's input does not require grad (frozen embeddings under LoRA).
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x; the old one warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -12,6 +12,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 # Hydra's words for an override of a key the config does not have, and for a `+key` the config has already.
 _NOT_A_KEY = re.compile(r"Could not override '([^']+)'")
 _ALREADY_A_KEY = re.compile(r"Could not append to config\. An item is already at '([^']+)'")
+# And for a group option that does not exist (task=nosuch).
+_NO_OPTION = re.compile(r"Could not find '([\w/]+)/([^'/]+)'")
 
 
 def _plain(cfg: Any) -> Any:
@@ -139,6 +141,9 @@ def check_overrides(args: list[str], config_name: str = "train") -> str | None:
         return None
     finally:
         GlobalHydra.instance().clear()
+    missing = _NO_OPTION.search(message)
+    if missing:
+        return _unknown_option(missing.group(1), missing.group(2))
     found = _NOT_A_KEY.search(message) or _ALREADY_A_KEY.search(message)
     if not found:
         return None
@@ -151,6 +156,18 @@ def check_overrides(args: list[str], config_name: str = "train") -> str | None:
     finally:
         GlobalHydra.instance().clear()
     return override_error(_plain(cfg), message)
+
+
+def _unknown_option(group: str, option: str) -> str:
+    """One sentence for ``group=option`` where conf/<group>/ has no such file, listing the ones it has."""
+    from lightning_ft.paths import config_dir
+
+    folder = config_dir() / group
+    have = sorted(p.stem for p in folder.glob("*.yaml") if not p.stem.startswith("_")) if folder.is_dir() else []
+    close = difflib.get_close_matches(option, have, n=1)
+    hint = f" (did you mean {group}={close[0]}?)" if close else ""
+    listed = f": use one of {', '.join(have)}" if have else ""
+    return f"{group}={option} is not a {group} config{hint}{listed} (conf/{group}/, or a file of your own there)."
 
 
 def _first_of_each_sweep(overrides: list[str]) -> list[str]:

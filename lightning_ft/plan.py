@@ -83,6 +83,10 @@ def plan_run(cfg: DictConfig, command: list[str] | None = None, rank: int = 0) -
     from lightning_ft.throughput import resolve_precision
 
     check_values(cfg)
+    from lightning_ft import peft
+
+    peft.check(OmegaConf.to_container(cfg.peft, resolve=True) if cfg.get("peft") else None,
+               OmegaConf.to_container(cfg.backbone, resolve=True))  # before any data or model work
     ckpt_path, checkpoint = checkpoint_to_use(cfg, Path(cfg.run_dir))
     run_dir = Path(cfg.run_dir)
     if rank == 0:  # the other ranks work in rank 0's directory

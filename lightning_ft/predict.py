@@ -370,16 +370,21 @@ def _first_character(source: Path) -> str:
     return ""
 
 
-def resolve_columns(prediction: Prediction, rows: list[dict], settings: dict[str, Any], source: Path, flags: bool
-                    ) -> None:
-    """Fill in the column options the user left unset (the first of the task's usual names that the input has) and
-    check that every row has a value in each column used, before any model loads. A trailing None among a column's
-    usual names makes it optional."""
+def resolve_columns(prediction: Prediction, rows: list[dict], settings: dict[str, Any], source: Path, flags: bool,
+                    trained: dict[str, Any] | None = None) -> None:
+    """Fill in the column options the user left unset and check that every row has a value in each column used,
+    before any model loads. An unset column option takes the column the model was trained on (``trained``, saved
+    with it) when the input has it, else the first of the task's usual names that the input has; a trailing None
+    among a column's usual names makes it optional."""
     present = list(dict.fromkeys(key for row in rows for key in row))
     for name, declared in prediction.option_fields().items():
         if "usual" not in declared.metadata:  # not a column option
             continue
         role = name.removesuffix("s").removesuffix("column").rstrip("_").replace("_", " ") or "text"
+        known = (trained or {}).get(name)
+        if name not in settings and known and all(c.split(".")[0] in present for c in
+                                                  (known if isinstance(known, list) else [known])):
+            settings[name] = known  # the training data's column: checked below like a given one
         if name in settings:
             wanted = [c for c in (settings[name] if isinstance(settings[name], list) else [settings[name]]) if c]
             for column in wanted:
@@ -400,6 +405,21 @@ def resolve_columns(prediction: Prediction, rows: list[dict], settings: dict[str
                 if _value(row, column) is None:
                     raise UserError(f"row {number} of {source} has no value in column '{column}': fill it in or drop "
                                     "the row.")
+
+
+COLUMNS_FILE = "lightning_ft.json"  # in an export: {"task": ..., "columns": the training data's column options}
+
+
+def trained_columns(checkpoint: dict[str, Any] | None, where: Any) -> dict[str, Any]:
+    """The column options of the data the model was trained on, as its checkpoint or export records them ({} for
+    models written before lightning_ft saved them, or by something else)."""
+    if checkpoint is not None:
+        return dict((checkpoint.get("lightning_ft") or {}).get("columns") or {})
+    saved = Path(where) / COLUMNS_FILE
+    try:
+        return dict(json.loads(saved.read_text()).get("columns") or {}) if saved.is_file() else {}
+    except (OSError, ValueError, AttributeError):
+        return {}
 
 
 def _value(row: dict, column: str) -> Any:
@@ -646,7 +666,7 @@ def run(options: dict[str, str], flags: bool) -> None:
     input_format, output_format = formats(prediction, source, target, options.get("input_format", "auto"),
                                           options.get("output_format", "auto"))
     rows = read_rows(source, input_format, prediction)
-    resolve_columns(prediction, rows, settings, source, flags)
+    resolve_columns(prediction, rows, settings, source, flags, trained_columns(checkpoint, where))
     settings = complete_options(prediction, settings)
 
     from lightning_ft.backbones import load_tokenizer

@@ -173,6 +173,47 @@ def write_report(run_dir: Path, cfg: dict[str, Any], results: dict[str, Any], re
     return path
 
 
+def write_model_card(export_dir: Path, cfg: dict[str, Any], results: dict[str, Any], pipeline: str | None) -> Path:
+    """``<export>/README.md``: a Hugging Face model card (metadata header, then text) saying what the exported model
+    is and how it was made: base model, task, dataset, hyper-parameters, the final validation and test metrics,
+    lightning_ft's version and the command. ``huggingface_hub.ModelCard.load`` reads it."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    import lightning_ft
+
+    backbone, dataset = cfg.get("backbone") or {}, cfg.get("dataset") or {}
+    base = backbone.get("name") if backbone.get("pretrained", True) else None
+    source = dataset.get("hub_name") or (Path(str(dataset["data_dir"])).name if dataset.get("data_dir") else None)
+    metrics = {**results.get("validation", {}), **results.get("test", {})}
+    data = ModelCardData(base_model=base, datasets=[source] if dataset.get("hub_name") else None,
+                         library_name="transformers", pipeline_tag=pipeline,
+                         tags=["lightning_ft", str(results.get("task"))],
+                         model_name=f"{results.get('task')} ({Path(export_dir).parent.name})")
+    optim = {k: v for k, v in (cfg.get("optim") or {}).items() if not str(k).startswith("_")}
+    trainer = {k: (cfg.get("trainer") or {}).get(k) for k in ("max_epochs", "max_steps", "precision",
+                                                              "accumulate_grad_batches", "gradient_clip_val")}
+    command = " ".join((results.get("environment") or {}).get("argv") or [])
+    built = f"built from a config ({backbone.get('model_type') or backbone.get('name')})"
+    rows = ", ".join(f"{split} {count}" for split, count in (results.get("data") or {}).get("examples", {}).items())
+    lines = [
+        f"# {results.get('task')} model, fine-tuned with lightning_ft {lightning_ft.__version__}", "",
+        f"- Base model: {base or built}",
+        f"- Task: `task={results.get('task')}`" + (f" (pipeline `{pipeline}`)" if pipeline else ""),
+        f"- Data: {source or 'the embedded sample'} ({rows})",
+        f"- Hyper-parameters: optimizer {optim}; batch size {dataset.get('batch_size')}, max length "
+        f"{dataset.get('max_length')}; trainer {trainer}; seed {cfg.get('seed')}",
+        f"- Best {results.get('monitor')}: {results.get('best_score')} (epoch {results.get('best_epoch')})", "",
+        "## Metrics of the exported weights", "", "| metric | value |", "|---|---|",
+        *(f"| {name} | {value:.4f} |" for name, value in sorted(metrics.items())), "",
+        "## How it was made", "", f"```bash\n{command or 'python -m lightning_ft.train'}\n```", "",
+        f"lightning_ft {lightning_ft.__version__}; packages: {(results.get('environment') or {}).get('versions')}.",
+    ]
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
+    path = Path(export_dir) / "README.md"
+    card.save(path)
+    return path
+
+
 def save_environment(run_dir: Path, argv: list[str] | None = None, write: bool = True) -> dict[str, Any]:
     info = environment(argv)
     if write:

@@ -90,8 +90,10 @@ class RunDirLock:
     def __init__(self, run_dir: str | Path) -> None:
         self.path = Path(run_dir) / LOCK
         self.held = False
+        self.made_dir = False
 
     def acquire(self) -> RunDirLock:
+        self.made_dir = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         mine = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "slurm_job": os.environ.get("SLURM_JOB_ID")}
@@ -126,6 +128,8 @@ class RunDirLock:
             holder = self._holder()
             if holder is not None and holder.get("pid") == os.getpid():
                 self.path.unlink(missing_ok=True)
+            if self.made_dir and self.path.parent.is_dir() and not any(self.path.parent.iterdir()):
+                self.path.parent.rmdir()  # a run refused before it wrote anything leaves no directory behind
 
     def _holder(self) -> dict[str, Any] | None:
         try:

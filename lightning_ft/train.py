@@ -27,26 +27,53 @@ from lightning_ft.paths import config_dir
 log = logging.getLogger("lightning_ft")
 
 
+def instantiate(node: Any, **kwargs: Any) -> Any:
+    """Hydra's instantiate, except that a UserError raised while building the object comes out as itself: Hydra
+    wraps it in an InstantiationException whose message names the class, not the setting and the fix."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate as hydra_instantiate
+
+    try:
+        return hydra_instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        while cause is not None and not isinstance(cause, UserError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise cause from None
+
+
 def _build(node: Any) -> list[Any]:
     """Instantiate a named group of objects (callbacks, loggers), skipping entries set to null."""
-    from hydra.utils import instantiate
-
     return [instantiate(c) for c in (node or {}).values() if c is not None]
 
 
 def build_task(cfg: DictConfig, datamodule: Any, backbone: dict[str, Any] | None = None) -> Any:
     """The task's LightningModule, from ``cfg.task`` plus what the data says about labels. ``backbone``: the
     backbone settings, when they differ from ``cfg.backbone`` (a tokenizer trained for this run)."""
-    from hydra.utils import get_class, instantiate
+    from hydra.utils import get_class
+
+    from lightning_ft import peft as adapters
 
     kwargs = OmegaConf.to_container(cfg.task, resolve=True)
     task_class = get_class(kwargs.pop("_target_"))
+    backbone = dict(backbone or OmegaConf.to_container(cfg.backbone, resolve=True))
+    peft = OmegaConf.to_container(cfg.peft, resolve=True) if cfg.get("peft") else None
+    adapters.check(peft, backbone)  # before the model (plan.check_values would be earlier still: before the data)
+    if adapters.settings(peft) or backbone.get("freeze") is not None:
+        # Only the trained part is checkpointed: the rest must come back the same, new heads and fresh models too.
+        backbone["init_seed"] = int(cfg.seed)
+    optim = OmegaConf.to_container(cfg.optim, resolve=True) if cfg.get("optim") else None
+    layer_decay = optim.pop("layer_decay", None) if optim else None  # the module's, not an AdamW argument
     return task_class(
         **kwargs,
         **datamodule.model_kwargs(),
-        backbone=backbone or OmegaConf.to_container(cfg.backbone, resolve=True),
-        optimizer=instantiate(cfg.optim) if cfg.get("optim") else None,
+        backbone=backbone,
+        optimizer=instantiate(optim) if optim else None,
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        peft=peft,
+        layer_decay=layer_decay,
     )
 
 
@@ -56,8 +83,6 @@ def prepare_data(cfg: DictConfig, run_dir: Path, saved_checkpoint: dict[str, Any
     with ``train_tokenizer`` gets a tokenizer trained on the training text, saved in ``<run_dir>/tokenizer`` (the
     backbone settings point at it, and the export copies it); a resumed or tested checkpoint, or a run directory
     that has one already (another DDP rank), reuses it, since Unigram training is not deterministic."""
-    from hydra.utils import instantiate
-
     from lightning_ft.backbones import load_tokenizer
 
     backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
@@ -114,7 +139,6 @@ def _run(cfg: DictConfig, plan: Any, saved_checkpoint: dict[str, Any] | None) ->
     """The run itself, once its plan is settled and its directory is this run's."""
     import pytorch_lightning as pl
     import torch
-    from hydra.utils import instantiate
 
     from lightning_ft import tasks
     from lightning_ft.launch import cluster_environment, mark_data_ready, wait_for_rank_zero_data
@@ -127,7 +151,7 @@ def _run(cfg: DictConfig, plan: Any, saved_checkpoint: dict[str, Any] | None) ->
         save_logger_runs,
     )
     from lightning_ft.plan import check_sweep_direction
-    from lightning_ft.report import RunRecord, print_summary, save_environment, write_report
+    from lightning_ft.report import RunRecord, print_summary, save_environment, write_model_card, write_report
     from lightning_ft.throughput import ThroughputMonitor
 
     command = plan.command
@@ -157,6 +181,7 @@ def _run(cfg: DictConfig, plan: Any, saved_checkpoint: dict[str, Any] | None) ->
         check_checkpoint_fits(saved_checkpoint, plan.ckpt_path, module)
         saved_checkpoint = None  # Lightning reads the file itself in fit: let go of the mapping
     module.skip_nonfinite = plan.skip_nonfinite
+    module.data_columns = datamodule.predict_columns()
     plan = plan.monitoring(module.monitor)
     check_sweep_direction(plan.monitor, plan.monitor_mode)
     resolved = plan.config(cfg, **{"backbone.tokenizer": backbone.get("tokenizer")})
@@ -166,6 +191,8 @@ def _run(cfg: DictConfig, plan: Any, saved_checkpoint: dict[str, Any] | None) ->
                                "precision": plan.precision, "data": datamodule.preparation,
                                "resumed_from": plan.ckpt_path if plan.train else None,
                                "environment": save_environment(plan.run_dir, command, write=plan.writer)}
+    trainable, total = module.trainable_parameters  # what trains of the model (peft, backbone.freeze), and its share
+    results["parameters"] = {"trainable": trainable, "total": total, "trainable_share": trainable / total}
 
     # 4. The Trainer.
     record = RunRecord()
@@ -216,6 +243,8 @@ def _run(cfg: DictConfig, plan: Any, saved_checkpoint: dict[str, Any] | None) ->
             results["examples"] = module.examples
         if plan.export and not trainer.fast_dev_run:
             results["export_dir"] = str(module.export(plan.run_dir / "hf_model", datamodule.tokenizer))
+            write_model_card(Path(results["export_dir"]), OmegaConf.to_container(resolved, resolve=True), results,
+                             tasks.of_module(module).pipeline)
         results["wall_seconds"] = time.perf_counter() - IMPORTED_AT
         results["report"] = str(write_report(plan.run_dir, OmegaConf.to_container(resolved, resolve=True), results,
                                              record if plan.train else None))
@@ -299,6 +328,12 @@ def cli() -> None:
             print(f"error: {arg} needs {package}, which is not installed: pip install 'lightning_ft[{extra}]'.",
                   file=sys.stderr)
             sys.exit(2)
+    from lightning_ft.config_keys import check_overrides
+
+    problem = check_overrides(sys.argv[1:])  # a mistyped key, in one sentence with the key meant
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     main()
 
 

@@ -62,7 +62,7 @@ def cases(root: Path) -> list[tuple[str, str, list[str], str]]:
     nothing.mkdir()
     write(nothing / "notes.txt", "no data here\n")
     no_val = root / "no_val"
-    write(no_val / "train.tsv", tsv * 2)
+    write(no_val / "train.tsv", tsv + tsv.split("\n", 1)[1])
     two_train = root / "two_train"
     write(two_train / "train.tsv", tsv)
     write(two_train / "train.csv", tsv.replace("\t", ","))
@@ -138,8 +138,8 @@ def cases(root: Path) -> list[tuple[str, str, list[str], str]]:
         ("max_length -1", train, [*QUICK, *data, "dataset.max_length=-1"], "clear error"),
         ("max_length 100000 (beyond the positions)", train, [*QUICK, *data, "dataset.max_length=100000"],
          "clear error"),
-        ("monitor the task does not log", train, [*QUICK, *data, "monitor=val/acc", "monitor_mode=max"],
-         "clear error"),
+        ("monitor the task does not log", train, [*QUICK, *data, "debug=limit", "monitor=val/acc",
+                                                  "monitor_mode=max"], "clear error"),
         ("monitor_mode not min or max", train, [*QUICK, *data, "monitor_mode=sideways"], "clear error"),
         ("max_epochs 0", train, [*QUICK, *data, "trainer.max_epochs=0", "~debug"], "clear error"),
         ("unknown tag scheme option", train, [*QUICK, "task=ner", "dataset.unseen_tags=maybe"], "clear error"),
@@ -158,9 +158,10 @@ def cases(root: Path) -> list[tuple[str, str, list[str], str]]:
         ("predict: no model", predict, [f"input={rows}", f"output={root / 'o1.jsonl'}"], "clear error"),
         ("predict: model_dir that does not exist", predict, ["model_dir=/nonexistent", f"input={rows}",
                                                              f"output={root / 'o2.jsonl'}"], "clear error"),
-        ("predict: a base model without a task head", predict, ["model_dir=sentence-transformers/all-MiniLM-L6-v2",
-                                                                 f"input={rows}", f"output={root / 'o3.jsonl'}"],
-         "clear error"),
+        ("predict: a sentence-transformers model (no head: embeds)", predict,
+         ["model_dir=sentence-transformers/all-MiniLM-L6-v2", f"input={rows}", f"output={root / 'o3.jsonl'}"], "ran"),
+        ("predict: a bare backbone with no task head", predict, ["model_dir=BARE", f"input={rows}",
+                                                                 f"output={root / 'o3b.jsonl'}"], "clear error"),
         ("predict: a checkpoint that would run code", predict, [f"ckpt_path={crafted}", f"input={rows}",
                                                                 f"output={root / 'o4.jsonl'}"], "clear error"),
         ("predict: input that does not exist", predict, ["model_dir=/nonexistent", "input=/nonexistent.jsonl",
@@ -199,10 +200,20 @@ def main() -> int:
     if trained.returncode != 0:
         print(trained.stderr[-2000:], file=sys.stderr)
         return 1
+    bare = root / "bare"  # a backbone saved without a task head (no modules.json either)
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    from lightning_ft.backbones import resolve_name
+
+    name = resolve_name("sentence-transformers/all-MiniLM-L6-v2")
+    AutoModel.from_config(AutoConfig.from_pretrained(name, num_hidden_layers=1)).save_pretrained(bare)
+    AutoTokenizer.from_pretrained(name).save_pretrained(bare)
     lines = ["| # | input | expected | verdict | what the user saw |", "|---|---|---|---|---|"]
     misses = 0
     for number, (what, module, arguments, expected) in enumerate(cases(root), start=1):
-        arguments = [a.replace("model_dir=MODEL", f"model_dir={model_run}") for a in arguments]
+        arguments = [a.replace("model_dir=MODEL", f"model_dir={model_run}").replace("model_dir=BARE",
+                                                                                  f"model_dir={bare}")
+                     for a in arguments]
         found, said = verdict(run(module, arguments, root))
         misses += found != expected
         lines.append(f"| {number} | {what} | {expected} | {found}{'' if found == expected else ' (!)'} | "

@@ -31,8 +31,8 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
 
 
-GROUPS = ["task", "dataset", "backbone", "trainer", "optim", "scheduler", "callbacks", "logger", "recipe", "debug",
-          "experiment", "hparams_search"]
+GROUPS = ["task", "dataset", "backbone", "trainer", "optim", "scheduler", "callbacks", "logger", "peft", "recipe",
+          "debug", "experiment", "hparams_search"]
 GLOBAL_GROUPS = {"recipe", "debug", "experiment", "hparams_search"}  # @package _global_: merged into the top level
 ALIAS = "# old name, kept for one release"
 CALLBACKS = ["model_checkpoint", "last_checkpoint", "step_checkpoint", "learning_rate_monitor", "throughput",

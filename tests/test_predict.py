@@ -744,3 +744,26 @@ def test_an_unclosed_quote_in_a_csv_is_refused_and_quoted_line_breaks_are_kept(c
     source.write_text('id,text\n1,"line one\nline two, with a comma"\n2,"say ""hi"""\n')
     assert _predict(f"model_dir={classifier_dir}", f"input={source}", f"output={tmp_path / 'new.jsonl'}") == 0
     assert [r["text"] for r in read_jsonl(tmp_path / "new.jsonl")] == ["line one\nline two, with a comma", 'say "hi"']
+
+
+def test_a_file_laid_out_like_the_training_data_needs_no_column_options(tmp_path):
+    """The columns the model trained on travel with its checkpoint and its export."""
+    from conftest import QUICK, compose_config, write_tsv
+
+    from lightning_ft.train import train
+
+    data = tmp_path / "data"
+    rows = [["#1", f"a {'good' if i % 2 else 'bad'} film", f"it was {i}", i % 2] for i in range(16)]
+    for split in ("train", "validation"):
+        write_tsv(data / f"{split}.tsv", ["id", "#1 String", "#2 String", "Quality"], rows)
+    run = tmp_path / "run"
+    train(compose_config([*QUICK, f"dataset.data_dir={data}", "dataset.text_column='#1 String'",
+                          "dataset.text_pair_column='#2 String'", "dataset.label_column=Quality", "test=false"], run))
+    source = _write_jsonl(tmp_path / "in.jsonl", [{"#1 String": "a good film", "#2 String": "it was 1"}])
+    from_export, from_checkpoint = tmp_path / "export.jsonl", tmp_path / "checkpoint.jsonl"
+    assert _predict(f"model_dir={run}", f"input={source}", f"output={from_export}") == 0
+    assert _predict(f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"input={source}",
+                    f"output={from_checkpoint}") == 0
+    for output in (from_export, from_checkpoint):
+        (row,) = [json.loads(line) for line in output.read_text().splitlines()]
+        assert row["label"] in ("0", "1") and 0 < row["score"] <= 1

@@ -210,6 +210,8 @@ def test_a_second_ctrl_c_stops_at_once(data_dir, tmp_path):
     ("trainer.max_epochs=0", "trainer.max_epochs=0 trains nothing and would export the untrained model"),
     ("+foo=1", "'foo' is not a key lightning_ft reads"),
     ("+monitr=val/accuracy", "'monitr' is not a key lightning_ft reads \\(did you mean monitor\\?\\)"),
+    ("monitor_mode=sideways", "monitor_mode=sideways is not min or max"),
+    ("dataset.problem_type=wrong", "dataset.problem_type 'wrong' is not one of"),
 ])
 def test_a_bad_value_is_refused_before_any_work_naming_the_key(override, message, data_dir, tmp_path):
     with pytest.raises(UserError, match=message):
@@ -234,3 +236,43 @@ def test_a_sweep_goes_on_past_a_failing_job_and_exits_non_zero(data_dir, tmp_pat
     rows = (sweep / "summary.csv").read_text().splitlines()
     assert len(rows) == 3 and "failed (UserError: optim.lr=-1 trains nothing" in rows[1] and ",done," in rows[2]
     assert (sweep / "1" / "metrics.json").is_file() and (sweep / "0" / "failed.json").is_file()
+
+
+# ---- iteration-based training resumes exactly -----------------------------------------------------------------------
+def test_a_max_steps_run_resumed_from_an_end_of_epoch_checkpoint_trains_the_batches_an_uninterrupted_one_would(
+        data_dir, tmp_path):
+    def steps(run_dir: Path, max_steps: int, *extra: str):
+        return compose_config([*QUICK, f"dataset.data_dir={data_dir}", "dataset.batch_size=8", "~debug",
+                               "trainer.max_epochs=-1", f"trainer.max_steps={max_steps}", "trainer.precision=32-true",
+                               "trainer.num_sanity_val_steps=0", "test=false", "export=false",
+                               "+callbacks.recorder._target_=run_callbacks.BatchRecorder",
+                               f"+callbacks.recorder.path={run_dir}/batches.jsonl", *extra], run_dir)
+
+    def recorded(run_dir: Path) -> list[tuple[int, str]]:
+        return [(r["step"], r["batch"]) for r in map(json.loads, (run_dir / "batches.jsonl").read_text().splitlines())]
+
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    for run_dir in (whole, part):
+        run_dir.mkdir()
+    train(steps(whole, 12))  # 4 batches an epoch: 3 epochs
+    train(steps(part, 4))  # ends on the first epoch's last batch: its checkpoint is an end-of-epoch one
+    train(steps(part, 12, "resume=auto"))
+    assert recorded(part) == recorded(whole)  # steps 1-12, the same batch at every step
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("dataset.val_fractio=0.1", "did you mean dataset.val_fraction?"),
+    ("task=nosuch", "task=nosuch is not a task config: use one of clm, mlm"),
+    ("backbone=tiny_brt", "did you mean backbone=tiny_bert?"),
+])
+def test_a_mistyped_key_or_option_on_the_command_line_names_the_one_meant(override, message, tmp_path):
+    done = run_cli([override], cwd=tmp_path)
+    assert done.returncode == 2 and message in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "outputs").exists()
+
+
+def test_a_max_length_beyond_the_backbones_positions_is_refused_before_tokenizing(data_dir, tmp_path):
+    with pytest.raises(UserError, match="dataset.max_length=100000 is longer than the backbone takes \\(512 tokens"):
+        train(quick(data_dir, tmp_path / "run", "dataset.max_length=100000"))
+    with pytest.raises(UserError, match="dataset.max_length=600 is longer than the backbone takes"):
+        train(quick(data_dir, tmp_path / "ner", "task=ner", "dataset.max_length=600"))

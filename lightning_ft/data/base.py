@@ -317,6 +317,11 @@ class TaskDataModule(pl.LightningDataModule):
         missing-column error; a column not in it is named "the dataset's column option"."""
         return {}
 
+    def predict_columns(self) -> dict[str, Any]:
+        """The columns this data names, as the task's predict options (``{"column": "review"}``): saved with the
+        model, so predict reads a file laid out like the training data without being told its columns again."""
+        return {}
+
     def fit_labels(self, train: Any) -> None:
         """Learn the label set from the raw training split (called before ``check_split`` and ``encode``)."""
 

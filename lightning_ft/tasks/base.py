@@ -6,6 +6,7 @@ A task subclass names its ``auto_class``, its metrics (``make_metrics``), how a 
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -15,13 +16,17 @@ import pytorch_lightning as pl
 import torch
 from torchmetrics import MeanMetric, MetricCollection
 
-from lightning_ft.backbones import load_model
+from lightning_ft import peft as adapters
+from lightning_ft.backbones import enable_gradient_checkpointing, freeze, load_model
 from lightning_ft.errors import UserError
 from lightning_ft.optim import parameter_groups
 
 log = logging.getLogger("lightning_ft")
 
 STAGES = ("val", "test")
+# The state-dict entry of a module that trains part of its model: a checksum of the frozen weights, which its
+# checkpoints leave out. A rebuilt module compares it with its own before taking the trainable weights.
+FROZEN_CHECKSUM = "lightning_ft.frozen_checksum"
 
 
 def loss_elements(batch: dict) -> int:
@@ -83,6 +88,13 @@ class TaskModule(pl.LightningModule):
         optimizer: a factory ``params -> Optimizer`` (a Hydra ``_partial_``); AdamW with lr 5e-5 when omitted.
         scheduler: a factory ``(optimizer, total_steps) -> LRScheduler``; none when omitted.
         model_config: settings a subclass puts on the model config (``num_labels``, ``id2label``...).
+        peft: ``conf/peft`` (``method: lora``, ``r``, ``alpha``...): adapters on the backbone, the head trained in
+            full; None or ``method: none``: every weight trains (unless ``backbone.freeze`` fixes some).
+        layer_decay: ``optim.layer_decay``: each layer's learning rate that much smaller than the one above it.
+
+    A module whose model trains only in part (``peft``, ``backbone.freeze``) saves only the trainable weights in
+    its checkpoints: the frozen ones are rebuilt from the backbone settings (a fresh model's from
+    ``backbone.init_seed``), checked against a checksum saved with them.
     """
 
     auto_class: Any = None  # e.g. transformers.AutoModelForSequenceClassification
@@ -98,26 +110,62 @@ class TaskModule(pl.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., Any] | None = None,
         model_config: dict[str, Any] | None = None,
+        peft: dict[str, Any] | None = None,
+        layer_decay: float | None = None,
     ) -> None:
         super().__init__()
-        # Saved: the subclass's own arguments and the backbone, enough to rebuild the module from a checkpoint. Not
-        # saved: the factories (code, rebuilt from the config) and model_config, which a subclass derives from its
-        # own arguments.
-        self.save_hyperparameters(ignore=["optimizer", "scheduler", "model_config"])
+        # Saved: the subclass's own arguments, the backbone and peft, enough to rebuild the module from a checkpoint.
+        # Not saved: the factories (code, rebuilt from the config), layer_decay (only the optimizer reads it) and
+        # model_config, which a subclass derives from its own arguments.
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "model_config", "layer_decay"])
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self.model = load_model(self.auto_class, **dict(backbone), **(model_config or {}))
+        if layer_decay is not None and (isinstance(layer_decay, bool) or not isinstance(layer_decay, (int, float))
+                                        or not 0 < layer_decay <= 1):
+            raise UserError(f"optim.layer_decay={layer_decay!r} is not in (0, 1]: give e.g. 0.9 (each layer's "
+                            "learning rate 0.9 times the one above it), or null for one learning rate.")
+        self.layer_decay = layer_decay
+        settings = dict(backbone)
+        frozen_part = settings.pop("freeze", None)
+        checkpointing = bool(settings.pop("gradient_checkpointing", False))
+        adapters.check(peft, settings | {"freeze": frozen_part})  # before any model work
+        self.peft = adapters.settings(peft)
+        # What rebuilds the base model without adapters (a peft export of a model built from a config saves it).
+        self._load_settings = {**settings, **(model_config or {})}
+        self.model = load_model(self.auto_class, **self._load_settings, load_kwargs=adapters.load_kwargs(self.peft))
         # from_pretrained returns the model in eval mode and Lightning 2.x keeps a submodule's own mode, so without
         # this the whole fine-tuning would run with dropout off.
         self.model.train()
+        if checkpointing and not (self.peft and self.peft["method"] == "qlora"):  # qlora's preparation enables it
+            enable_gradient_checkpointing(self.model)
+        freeze(self.model, frozen_part)
+        # The PeftModel is kept out of the module tree: self.model is the same model with the adapters inside it,
+        # so every task reads and calls it as before, and the state dict keeps its names.
+        wrapped = adapters.wrap(self.model, self.peft, checkpointing) if self.peft else None
+        object.__setattr__(self, "_peft_model", wrapped)
+        # Every name a frozen weight goes by: a tied one (GPT-2's lm_head.weight is its wte.weight) is in the state dict
+        # under each of them.
+        self._frozen = frozenset(n for n, p in self.named_parameters(remove_duplicate=False) if not p.requires_grad)
+        self._frozen_checksum = self._checksum() if self._frozen else None
+        trainable, total = self.trainable_parameters
+        log.info("trainable parameters: %s of %s (%.2f%%)%s", f"{trainable:,}", f"{total:,}", 100 * trainable / total,
+                 f" (peft={self.peft['method']})" if self.peft else "")
         # What an evaluation leaves besides metrics, saved by train.py: answers or generations per example id
         # (predictions_<stage>.json), and a few examples printed in the summary.
+        # The column options of the data it trained on (``DataModule.predict_columns``; train.py sets them), saved in
+        # checkpoints and exports for predict.
+        self.data_columns: dict[str, Any] = {}
         self.predictions: dict[str, dict[str, Any]] = {}
         self.examples: dict[str, list[dict[str, Any]]] = {}
         self.metrics = torch.nn.ModuleDict({stage: self.make_metrics(f"{stage}/") for stage in STAGES})
         # The evaluation loss as a corpus mean: each batch's mean loss weighted by the elements it averages,
         # summed over ranks. (self.log's mean of batch means changes with the batching and the number of ranks.)
         self.eval_loss = torch.nn.ModuleDict({stage: MeanMetric() for stage in STAGES})
+
+    @property
+    def trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, total) parameters of the model."""
+        return adapters.parameter_counts(self.model, self._peft_model)
 
     @property
     def data(self) -> Any:
@@ -226,8 +274,9 @@ class TaskModule(pl.LightningModule):
     # ---- optimisation ------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
         factory = self.optimizer_factory or (lambda params: torch.optim.AdamW(params, lr=5e-5))
-        weight_decay = getattr(factory, "keywords", {}).get("weight_decay", 0.0)
-        optimizer = factory(parameter_groups(self.model, weight_decay))
+        keywords = getattr(factory, "keywords", {"lr": 5e-5})
+        groups = parameter_groups(self.model, keywords.get("weight_decay", 0.0), self.layer_decay, keywords.get("lr"))
+        optimizer = factory(groups)
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
@@ -263,11 +312,52 @@ class TaskModule(pl.LightningModule):
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ---- checkpoints ---------------------------------------------------------------------------------------------
+    def _checksum(self) -> torch.Tensor:
+        """The sum of the squares of the frozen weights, in float64 (a chunk at a time: no copy of a whole matrix)."""
+        total = torch.zeros((), dtype=torch.float64)
+        for name, param in self.named_parameters():
+            if name in self._frozen:
+                for chunk in param.detach().reshape(-1).split(1 << 22):
+                    total += chunk.double().square().sum().cpu()
+        return total
+
+    def state_dict(self, *, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> dict[str, Any]:
+        """Without the frozen weights, which the module's settings rebuild: a LoRA run's checkpoint holds the adapters
+        and the head (and the optimizer, their state), not another copy of the backbone."""
+        state = super().state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
+        if self._frozen:
+            for name in self._frozen:
+                state.pop(prefix + name, None)
+            state[prefix + FROZEN_CHECKSUM] = self._frozen_checksum.clone()
+        return state
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Also takes a state dict without the frozen weights (this module's checkpoints), once its checksum shows
+        that they are the ones this module rebuilt."""
+        if not self._frozen:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        state = dict(state_dict)
+        saved = state.pop(FROZEN_CHECKSUM, None)
+        if saved is not None and not torch.isclose(saved.double().cpu(), self._frozen_checksum, rtol=1e-9, atol=0):
+            backbone = self.hparams.get("backbone") or {}
+            raise UserError(
+                f"these weights were trained on a frozen {backbone.get('name') or backbone.get('model_type')} "
+                "backbone that differs from the one rebuilt now (its checkpoint keeps only the trained part): use "
+                "the backbone files, and for one built from a config the seed, that it was trained with.")
+        result = super().load_state_dict(state, strict=False, assign=assign)
+        missing = [k for k in result.missing_keys if saved is None or k not in self._frozen]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}: missing keys "
+                               f"{missing[:5]}, unexpected keys {result.unexpected_keys[:5]}.")
+        if saved is None:  # a state dict with every weight: the frozen ones were replaced
+            self._frozen_checksum = self._checksum()
+        return type(result)(missing, result.unexpected_keys)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # What wrote the checkpoint, so that a resume, a test or a prediction can say plainly when it is given a
         # checkpoint of another task or backbone instead of failing on missing weights.
         checkpoint["lightning_ft"] = {"task": f"{type(self).__module__}.{type(self).__qualname__}",
-                                      "backbone": self.hparams.get("backbone")}
+                                      "backbone": self.hparams.get("backbone"), "columns": self.data_columns}
         # The random generators (dropout, masking, sampling), every rank's, so a resumed run draws what an
         # uninterrupted one would. Lightning does not save them.
         states = rng_states()
@@ -294,6 +384,23 @@ class TaskModule(pl.LightningModule):
         """Write a Hugging Face directory (model, config with label maps, tokenizer) that ``pipeline`` loads."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(directory)
+        if self._peft_model is not None and not self.peft["merge"]:
+            # peft.merge=false: peft's adapter directory; a base built from a config is saved beside it.
+            backbone = self.hparams.get("backbone") or {}
+            name = backbone.get("name") if backbone.get("pretrained", True) else None
+            if name and Path(name).expanduser().is_dir():
+                name = str(Path(name).expanduser().resolve())  # a directory, named so that it loads from anywhere
+            adapters.save_adapters(self._peft_model, directory, name,
+                                   lambda: load_model(self.auto_class, **self._load_settings))
+        else:
+            if self._peft_model is not None:
+                # The adapters merged into their weights, in place (no second copy of the model): the export is the
+                # run's last use of the module, which from here holds the plain merged model.
+                self.model = self._peft_model.merge_and_unload()
+                object.__setattr__(self, "_peft_model", None)
+                self._frozen, self._frozen_checksum = frozenset(), None
+            self.model.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
+        # The training data's column options, so that predict reads a file laid out like it unprompted.
+        (directory / "lightning_ft.json").write_text(json.dumps({"columns": self.data_columns}, indent=2))
         return directory

@@ -111,6 +111,9 @@ class LanguageModelingData(TaskDataModule):
             self.reader_kwargs.setdefault("sample_by", DOCUMENTS[self.documents])
         return super().read_local(split, paths)
 
+    def predict_columns(self) -> dict[str, Any]:
+        return {"column": self.text_column}
+
     def required_columns(self, split: str) -> list[str]:
         return [self.text_column]
 

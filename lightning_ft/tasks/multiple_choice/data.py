@@ -75,6 +75,10 @@ class MultipleChoiceData(TaskDataModule):
         self.id_column = id_column
         self.num_choices = 0
 
+    def predict_columns(self) -> dict[str, Any]:
+        return {"question_column": self.question_column, "choices_column": self.choices_column,
+                "ending_columns": self.ending_columns or None, "context_column": self.context_column}
+
     def required_columns(self, split: str) -> list[str]:
         paths = [self.question_column, self.label_column, self.context_column, self.choices_column,
                  *self.ending_columns]

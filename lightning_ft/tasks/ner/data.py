@@ -208,6 +208,9 @@ class TokenClassificationData(TaskDataModule):
         return {"num_labels": len(self.label2id), "id2label": self.id2label}
 
     # ---- preprocessing -----------------------------------------------------------------------------------------
+    def predict_columns(self) -> dict[str, Any]:
+        return {"tokens_column": self.tokens_column}
+
     def required_columns(self, split: str) -> list[str]:
         return [self.tokens_column, self.label_column]
 

@@ -135,6 +135,9 @@ class QuestionAnsweringData(TaskDataModule):
         self.examples = raw
         return raw
 
+    def predict_columns(self) -> dict[str, Any]:
+        return {"question_column": self.question_column, "context_column": self.context_column}
+
     def required_columns(self, split: str) -> list[str]:
         return [self.id_column, self.question_column, self.context_column, self.answers_column]
 

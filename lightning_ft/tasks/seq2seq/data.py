@@ -168,6 +168,9 @@ class Seq2SeqData(TaskDataModule):
         return data
 
     # ---- tokenizing --------------------------------------------------------------------------------------------
+    def predict_columns(self) -> dict[str, Any]:
+        return {"column": self.source_column}
+
     def required_columns(self, split: str) -> list[str]:
         return ["source", "target"]
 

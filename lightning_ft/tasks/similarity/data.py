@@ -79,6 +79,9 @@ class SimilarityData(TaskDataModule):
         columns = [self.text_column, self.text_pair_column]
         return columns + ([self.negative_column] if split == "train" and self.negative_column else [])
 
+    def predict_columns(self) -> dict[str, Any]:
+        return {"column": self.text_column}
+
     def required_columns(self, split: str) -> list[str]:
         return self._text_columns(split) + ([self.score_column] if self.scored.get(split) else [])
 

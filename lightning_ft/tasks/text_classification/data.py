@@ -146,6 +146,10 @@ class TextClassificationData(TaskDataModule):
         columns = [*self.text_columns, self.label_column]
         return columns + ([self.text_pair_column] if self.text_pair_column else [])
 
+    def predict_columns(self) -> dict[str, Any]:
+        single = self.text_columns[0] if len(self.text_columns) == 1 else None  # predict reads one text column
+        return {"column": single, "pair_column": self.text_pair_column}
+
     def column_options(self) -> dict[str, str]:
         options = {self.label_column: "dataset.label_column", self.text_pair_column: "dataset.text_pair_column"}
         return {**options, **{c: "dataset.text_column" for c in self.text_columns}}
