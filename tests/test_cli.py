@@ -11,15 +11,15 @@ from conftest import QUICK
 
 def test_mistyped_config_group_lists_the_options(tmp_path):
     result = run_cli(["dataset=sst3"], tmp_path)
-    assert result.returncode != 0
-    assert "Could not find 'dataset/sst3'" in result.stderr and "Available options in 'dataset'" in result.stderr
-    assert "sst2" in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "dataset=sst3 is not a dataset config (did you mean dataset=sst2?): use one of" in result.stderr
+    assert "sample_ner" in result.stderr
 
 
 def test_mistyped_key_names_it_and_the_fix(tmp_path):
     result = run_cli(["trainer.max_epoch=1"], tmp_path)
-    assert result.returncode != 0
-    assert "Key 'max_epoch' is not in struct" in result.stderr and "+trainer.max_epoch=1" in result.stderr
+    assert result.returncode == 2
+    assert "trainer.max_epoch is not a key of the config: did you mean trainer.max_epochs" in result.stderr
 
 
 def test_bad_data_path_is_one_sentence_without_traceback(tmp_path):
