@@ -265,6 +265,8 @@ def formats(prediction: Prediction, source: Path, target: Path, input_format: st
 def read_rows(source: Path, input_format: str, prediction: Prediction) -> list[dict[str, Any]]:
     """Every row of the input as a dict: ``text`` for a line of a ``.txt`` file (blank lines skipped). The input is
     UTF-8, with or without a byte-order mark; a file in another encoding is refused naming the line."""
+    from lightning_ft.data.base import iter_jsonl
+
     try:
         if input_format == "text":
             with source.open(encoding="utf-8-sig") as handle:
@@ -276,7 +278,7 @@ def read_rows(source: Path, input_format: str, prediction: Prediction) -> list[d
                 except json.JSONDecodeError as err:
                     raise UserError(f"{source} is not JSON ({err.msg} at line {err.lineno}).") from err
             else:
-                values = list(_iter_jsonl(source))
+                values = list(iter_jsonl(source))
             rows = []
             for number, row in values:
                 if not isinstance(row, dict):
@@ -291,18 +293,6 @@ def read_rows(source: Path, input_format: str, prediction: Prediction) -> list[d
     if not rows:
         raise UserError(f"{source} has no {prediction.noun} to {prediction.verb}.")
     return rows
-
-
-def _iter_jsonl(source: Path):
-    """``(line number, value)`` for every non-blank line of a JSON-lines file (a byte-order mark skipped)."""
-    with source.open(encoding="utf-8-sig") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{source}:{number} is not JSON ({err.msg}): write one object a line.") from err
 
 
 def read_table(source: Path, tab: bool) -> list[dict[str, str]]:

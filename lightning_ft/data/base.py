@@ -49,13 +49,14 @@ def _builder_for(path: Path) -> str:
 
 
 def open_text(path: Path):
-    """A text file for reading, gzip-, bzip2- and xz-compressed ones (``.gz``, ``.bz2``, ``.xz``) too."""
+    """A UTF-8 text file for reading (a byte-order mark skipped, as spreadsheets write one), gzip-, bzip2- and
+    xz-compressed ones (``.gz``, ``.bz2``, ``.xz``) too."""
     import bz2
     import gzip
     import lzma
 
     opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(path.suffix.lower())
-    return opener(path, "rt", encoding="utf-8") if opener else path.open(encoding="utf-8")
+    return opener(path, "rt", encoding="utf-8-sig") if opener else path.open(encoding="utf-8-sig")
 
 
 def split_files(root: Path, names: tuple[str, ...]) -> tuple[list[Path], list[Path]]:
