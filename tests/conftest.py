@@ -110,6 +110,23 @@ def tiny_pretrained(tmp_path_factory) -> str:
     return str(path)
 
 
+SENTIMENT_WORDS = ["good", "bad", "fine", "awful", "great", "poor", "nice", "dull", "film", "plot", "actor", "scene"]
+
+
+def random_sentences(folder: Path, sizes: dict[str, int], words: list[str] = SENTIMENT_WORDS, longest: int = 12
+                     ) -> Path:
+    """``<split>.tsv`` files of random sentences (3 to ``longest`` of ``words``) with a 0/1 label, as many rows as
+    ``sizes`` gives each split; seeded, so every run writes the same ones."""
+    import random
+
+    rng = random.Random(0)
+    for split, rows in sizes.items():
+        lines = ["sentence\tlabel"] + [" ".join(rng.choices(words, k=rng.randint(3, longest))) +
+                                       f"\t{rng.randint(0, 1)}" for _ in range(rows)]
+        (folder / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
 def write_tsv(path: Path, header: list[str], rows: list[list]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = ["\t".join(header)] + ["\t".join(str(v) for v in row) for row in rows]

@@ -4,31 +4,23 @@ checkpoints, non-finite losses, the run report and the saved environment."""
 import csv
 import json
 import os
-import random
 from pathlib import Path
 
 import pytest
 import torch
 from cli import run_cli
-from conftest import QUICK, compose_config
+from conftest import QUICK, compose_config, random_sentences
 
 from lightning_ft.errors import UserError
 from lightning_ft.train import train as train_run
 
 TESTS = Path(__file__).resolve().parent
-WORDS = ["good", "bad", "fine", "awful", "great", "poor", "nice", "dull", "film", "plot", "actor", "scene"]
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     """72 training and 16 validation sentences: 9 batches of 8 per epoch."""
-    rng = random.Random(0)
-    folder = tmp_path_factory.mktemp("data")
-    for split, rows in (("train", 72), ("validation", 16)):
-        lines = ["sentence\tlabel"] + [" ".join(rng.choices(WORDS, k=rng.randint(3, 12))) + f"\t{rng.randint(0, 1)}"
-                                       for _ in range(rows)]
-        (folder / f"{split}.tsv").write_text("\n".join(lines) + "\n")
-    return folder
+    return random_sentences(tmp_path_factory.mktemp("data"), {"train": 72, "validation": 16})
 
 
 def run_args(run_dir: Path, data_dir: Path) -> list[str]:

@@ -4,13 +4,12 @@ checkpoints that hold only what trains and still resume and predict."""
 
 import json
 import logging
-import random
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import MINILM, QUICK, TINY, compose_config
+from conftest import MINILM, QUICK, TINY, compose_config, random_sentences
 from safetensors.torch import load_file
 
 from lightning_ft.backbones import head_modules, layer_stacks, parameter_depths, stack_linear_names
@@ -24,7 +23,6 @@ from lightning_ft.train import build_task, train
 
 TINY_BERT = {"name": MINILM, "pretrained": False, "config_overrides": TINY, "init_seed": 0}
 LABELS = {0: "negative", 1: "positive"}
-WORDS = ["good", "bad", "fine", "awful", "great", "poor", "nice", "dull", "film", "plot", "actor", "scene"]
 TEXTS = ["a gripping , beautifully acted film", "dull , lifeless and far too long", "it 's fine"]
 
 
@@ -56,13 +54,7 @@ TINY_CONFIGS = {
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     """72 training and 16 validation sentences: 9 batches of 8 per epoch."""
-    rng = random.Random(0)
-    folder = tmp_path_factory.mktemp("data")
-    for split, rows in (("train", 72), ("validation", 16)):
-        lines = ["sentence\tlabel"] + [" ".join(rng.choices(WORDS, k=rng.randint(3, 12))) + f"\t{rng.randint(0, 1)}"
-                                       for _ in range(rows)]
-        (folder / f"{split}.tsv").write_text("\n".join(lines) + "\n")
-    return folder
+    return random_sentences(tmp_path_factory.mktemp("data"), {"train": 72, "validation": 16})
 
 
 # ---- what goes where: the head, the layers, the adapters' targets --------------------------------------------------

@@ -3,7 +3,6 @@ run is never overwritten, Ctrl-C saves the step, and Hydra's files never land ap
 
 import json
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from cli import run_cli
-from conftest import QUICK, compose_config
+from conftest import QUICK, compose_config, random_sentences
 
 from lightning_ft.errors import UserError
 from lightning_ft.train import train
@@ -35,13 +34,7 @@ class RunsCode:
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    rng = random.Random(0)
-    folder = tmp_path_factory.mktemp("data")
-    for split, rows in (("train", 32), ("validation", 16)):
-        lines = ["sentence\tlabel"] + [" ".join(rng.choices(WORDS, k=rng.randint(3, 9))) + f"\t{rng.randint(0, 1)}"
-                                       for _ in range(rows)]
-        (folder / f"{split}.tsv").write_text("\n".join(lines) + "\n")
-    return folder
+    return random_sentences(tmp_path_factory.mktemp("data"), {"train": 32, "validation": 16}, WORDS, longest=9)
 
 
 def args(data_dir: Path, *extra: str) -> list[str]:
