@@ -133,6 +133,24 @@ def main() -> None:
         current.append(line)
     articles.append("".join(current))
     write_text_splits("wikitext2", articles, "", (230_000, 30_000, 30_000))
+    gsm8k()
+
+
+def gsm8k() -> None:
+    """GSM8K (MIT): 240 training and 40 validation problems, disjoint draws from its train split, and 40 test
+    problems from its test split, unchanged (question, answer), with the licence beside them."""
+    rng = random.Random(0)
+    source = SHARED / "gsm8k"
+    train = (source / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    test = (source / "test.jsonl").read_text(encoding="utf-8").splitlines()
+    picked = rng.sample(range(len(train)), 280)
+    out = OUT / "gsm8k"
+    out.mkdir(parents=True, exist_ok=True)
+    for split, lines in (("train", [train[i] for i in sorted(picked[:240])]),
+                         ("validation", [train[i] for i in sorted(picked[240:])]),
+                         ("test", [test[i] for i in sorted(rng.sample(range(len(test)), 40))])):
+        (out / f"{split}.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    (out / "LICENSE").write_text((source / "LICENSE").read_text(encoding="utf-8"), encoding="utf-8")
 
 
 def write_text_splits(folder: str, parts: list[str], joiner: str, sizes: tuple[int, int, int]) -> None:

@@ -31,9 +31,10 @@ def train_tokenizer(
     add_bos: bool = False,
     add_eos: bool = True,
     max_length: int = 512,
+    extra_special_tokens: Iterable[str] = (),
 ) -> Any:
     """A tokenizer trained on ``texts``: ``unigram`` (SentencePiece-style, as T5's), byte-level ``bpe`` or
-    ``wordpiece``.
+    ``wordpiece``. ``extra_special_tokens`` (a chat template's markers) are added as special tokens, never split.
 
     Unigram and BPE sequences end with ``</s>`` unless ``add_eos`` is false (GPT-2 style: a prompt must not end a
     document); ``add_bos`` also starts them with ``<s>`` (BART's layout). WordPiece sequences are ``[CLS] ... [SEP]``.
@@ -44,7 +45,8 @@ def train_tokenizer(
     if algorithm not in ALGORITHMS:
         raise UserError(f"backbone.train_tokenizer.algorithm '{algorithm}' is not one of {', '.join(ALGORITHMS)}.")
     named = BERT_SPECIAL_TOKENS if algorithm == "wordpiece" else SPECIAL_TOKENS
-    specials = list(named.values())
+    extra = [t for t in extra_special_tokens if t not in named.values()]
+    specials = list(named.values()) + extra
     if vocab_size <= len(specials) + 1:
         raise UserError(f"backbone.train_tokenizer.vocab_size={vocab_size} leaves no room for words: give >= 100.")
     steps = [normalizers.NFKC()] + ([normalizers.Lowercase()] if lowercase else [])
@@ -89,4 +91,7 @@ def train_tokenizer(
     tokenizer.post_processor = processors.TemplateProcessing(
         single=single, pair=pair, special_tokens=[(t, tokenizer.token_to_id(t)) for t in used]
     )
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=max_length, **named)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=max_length, **named)
+    if extra:
+        fast.add_tokens(extra, special_tokens=True)  # in the vocabulary already: marks them special
+    return fast

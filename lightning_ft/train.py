@@ -99,7 +99,8 @@ def prepare_data(cfg: DictConfig, run_dir: Path, saved_checkpoint: dict[str, Any
     else:
         from lightning_ft.tokenizer_training import train_tokenizer
 
-        tokenizer = train_tokenizer(datamodule.training_texts(), **spec)
+        tokenizer = train_tokenizer(datamodule.training_texts(), **spec,
+                                    extra_special_tokens=datamodule.special_tokens())
         log.info("Trained a %s tokenizer of %d tokens on the training text: %s", spec.get("algorithm", "unigram"),
                  len(tokenizer), saved)
     if source != saved:

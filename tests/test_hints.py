@@ -232,9 +232,10 @@ def test_hydras_refusal_of_a_mistyped_key_becomes_one_sentence_naming_the_key_me
     (["dataset.val_fraction=0.1", "dataset.data_files.train=a.tsv"], None),
     (["-m", "task=ner,qa", "optim.lr=interval(1e-5,1e-4)"], None),
     (["dataset=no_such_dataset"], "dataset=no_such_dataset is not a dataset config: use one of cnn_dailymail, "
-     "conll2003, multi30k, openbookqa, sample_clm, sample_mlm, sample_multiple_choice, sample_ner, sample_qa, "
-     "sample_similarity, sample_stsb, sample_summarization, sample_text_classification, sample_translation, scitldr, "
-     "squad, sst2, stsb, stsb_sample, stsb_similarity, swag, tiny_shakespeare, wikitext2, wmt16_ro_en, wnut17 "
+     "conll2003, gsm8k, multi30k, openbookqa, sample_clm, sample_mlm, sample_multiple_choice, sample_ner, sample_qa, "
+     "sample_sft, sample_similarity, sample_stsb, sample_summarization, sample_text_classification, "
+     "sample_translation, scitldr, squad, sst2, stsb, stsb_sample, stsb_similarity, swag, tiny_shakespeare, "
+     "wikitext2, wmt16_ro_en, wnut17 "
      "(conf/dataset/, or a file of your own there)."),
 ])
 def test_check_overrides_names_the_key_meant_in_one_sentence(args, sentence):

@@ -344,6 +344,11 @@ class TaskDataModule(pl.LightningDataModule):
         """Everything besides the raw data and tokenizer that changes what ``encode`` writes."""
         return {"max_length": self.max_length, "columns": self.required_columns("train")}
 
+    def special_tokens(self) -> list[str]:
+        """Tokens that a tokenizer trained for a fresh model (``backbone.train_tokenizer``) must hold as special
+        tokens, besides its own (a chat template's markers)."""
+        return []
+
     def make_collator(self) -> Any:
         """The object that pads a list of tokenized rows into a batch (made once, on first use)."""
         from transformers import DataCollatorWithPadding
@@ -611,7 +616,7 @@ class TaskDataModule(pl.LightningDataModule):
     # ---- loaders -----------------------------------------------------------------------------------------------
     def _loader(self, split: str) -> DataLoader:
         self._prepare()
-        data, sampler = self.datasets[split], None
+        data, sampler = self.loader_data(split), None
         on_gpu = self._on_gpu()
         workers = self.num_workers
         if workers is None:
@@ -645,6 +650,11 @@ class TaskDataModule(pl.LightningDataModule):
             persistent_workers=workers > 0,
             pin_memory=on_gpu,
         )
+
+    def loader_data(self, split: str) -> Any:
+        """The rows a split's loader reads: the tokenized split (a task that packs its examples returns the packed
+        rows)."""
+        return self.datasets[split]
 
     def _on_gpu(self) -> bool:
         trainer = getattr(self, "trainer", None)

@@ -20,6 +20,7 @@ def _specs() -> list[TaskSpec]:
         ner,
         qa,
         seq2seq,
+        sft,
         similarity,
         text_classification,
     )
@@ -33,6 +34,7 @@ def _specs() -> list[TaskSpec]:
         seq2seq.SUMMARIZATION,
         language_modeling.CLM,
         language_modeling.MLM,
+        sft.SPEC,
         similarity.SPEC,
     ]
 
@@ -75,7 +77,17 @@ def of_checkpoint_class(class_name: str, hparams: dict[str, Any]) -> TaskSpec | 
 
 
 def of_export(config: Any, path: Path) -> TaskSpec | None:
-    """The task an exported directory holds: by its config's architecture, else by a file that marks it."""
+    """The task an exported directory holds: as its ``lightning_ft.json`` names it (a causal LM's export is a clm
+    or an sft model), else by its config's architecture, else by a file that marks it."""
+    import json
+
+    try:
+        named = json.loads((path / "lightning_ft.json").read_text()).get("task")
+    except (OSError, ValueError, AttributeError):
+        named = None
+    found = next((s for s in specs() if s.name == named), None)
+    if found is not None and found.matches_architecture(config):
+        return found
     for spec in specs():
         if spec.matches_architecture(config):
             return spec

@@ -133,6 +133,7 @@ class TaskModule(pl.LightningModule):
         # What rebuilds the base model without adapters (a peft export of a model built from a config saves it).
         self._load_settings = {**settings, **(model_config or {})}
         self.model = load_model(self.auto_class, **self._load_settings, load_kwargs=adapters.load_kwargs(self.peft))
+        self.adjust_model(self.model)
         # from_pretrained returns the model in eval mode and Lightning 2.x keeps a submodule's own mode, so without
         # this the whole fine-tuning would run with dropout off.
         self.model.train()
@@ -174,6 +175,9 @@ class TaskModule(pl.LightningModule):
         return self.trainer.datamodule
 
     # ---- what a task subclass provides -------------------------------------------------------------------------
+    def adjust_model(self, model: Any) -> None:
+        """Change the loaded model before anything is frozen or wrapped (e.g. grow its embeddings)."""
+
     def make_metrics(self, prefix: str) -> MetricCollection:
         raise NotImplementedError
 
@@ -402,5 +406,8 @@ class TaskModule(pl.LightningModule):
             self.model.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
         # The training data's column options, so that predict reads a file laid out like it unprompted.
-        (directory / "lightning_ft.json").write_text(json.dumps({"columns": self.data_columns}, indent=2))
+        from lightning_ft import tasks
+
+        (directory / "lightning_ft.json").write_text(json.dumps({"task": tasks.of_module(self).name,
+                                                                 "columns": self.data_columns}, indent=2))
         return directory

@@ -18,6 +18,22 @@ from lightning_ft.tasks.language_modeling.data import OBJECTIVES
 log = logging.getLogger(__name__)
 
 
+def isolates_packed_documents(model: Any, causal: bool = True) -> bool:
+    """Whether ``model`` keeps packed documents apart when given restarting position ids and no attention mask:
+    a short document's logits packed after another equal its logits alone."""
+    vocab = model.get_input_embeddings().num_embeddings
+    first, second = torch.arange(5, 10) % vocab, torch.arange(10, 14) % vocab
+    extra = {"use_cache": False} if causal else {}
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        alone = model(input_ids=second[None], **extra).logits[0]
+        packed = model(input_ids=torch.cat([first, second])[None],
+                       position_ids=torch.tensor([[*range(5), *range(4)]]), **extra).logits[0, 5:]
+    model.train(was_training)
+    return torch.allclose(alone.float(), packed.float(), atol=1e-4)
+
+
 class LanguageModelingTask(TaskModule):
     """A causal LM (``objective=clm``: GPT-2, Llama...) or masked LM (``objective=mlm``: BERT, RoBERTa...) trained
     on text, scored by corpus perplexity.
@@ -67,20 +83,9 @@ class LanguageModelingTask(TaskModule):
 
     def _check_isolation(self) -> None:
         """Refuse ``isolated`` for a backbone that lets a packed document see the one before it."""
-        model = self.model
-        vocab = model.get_input_embeddings().num_embeddings
-        first, second = torch.arange(5, 10) % vocab, torch.arange(10, 14) % vocab
-        extra = {"use_cache": False} if self.objective == "clm" else {}
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            alone = model(input_ids=second[None], **extra).logits[0]
-            packed = model(input_ids=torch.cat([first, second])[None],
-                           position_ids=torch.tensor([[*range(5), *range(4)]]), **extra).logits[0, 5:]
-        model.train(was_training)
-        if not torch.allclose(alone, packed, atol=1e-4):
+        if not isolates_packed_documents(self.model, causal=self.objective == "clm"):
             raise UserError(
-                f"backbone {model.config.model_type} does not isolate packed documents (its attention ignores "
+                f"backbone {self.model.config.model_type} does not isolate packed documents (its attention ignores "
                 "restarting position ids): use dataset.document_attention=shared, or dataset.packing=line_by_line.")
 
     def _eval_step(self, stage: str, batch: dict) -> None:
