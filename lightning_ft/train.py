@@ -163,6 +163,9 @@ def _run(cfg: DictConfig, plan: Any, saved_checkpoint: dict[str, Any] | None) ->
         wait_for_rank_zero_data(plan.run_dir)
     tokenizer, datamodule, backbone = prepare_data(cfg, plan.run_dir, saved_checkpoint)
     datamodule.connect(tokenizer)
+    trained_tokenizer = backbone.get("train_tokenizer") and backbone.get("tokenizer")
+    if plan.writer and trained_tokenizer:  # as connecting left it (a chat template, a pad token): what predict reads
+        tokenizer.save_pretrained(trained_tokenizer)
     datamodule.prepare_data()
     if plan.writer:
         mark_data_ready(plan.run_dir)

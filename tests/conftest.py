@@ -9,6 +9,10 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="lft-datasets-"))
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One core a worker (pytest -n 2 on 2 cores): torch's default of every core per process would oversubscribe them.
+    # Subprocesses the tests start inherit it.
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
@@ -54,6 +58,12 @@ def needs_shared(folder: str | Path) -> Path:
         where = SHARED if _SHARED_OVERRIDE else "../shared/data"
         pytest.skip(f"needs {where}/{path.relative_to(SHARED)} {SHARED_SKIP}")
     return path
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (pyproject's addopts): a worker a core, at most 4: each holds torch and a few tiny models, and the
+    suite's longest tests bound it past that."""
+    return max(1, min(os.cpu_count() or 1, 4))
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -19,7 +19,11 @@ def _odd_sized_copy(task: str, folder):
     """The task's embedded sample with 151 validation rows: 2 ranks get 76 and 75, and DistributedSampler pads the
     second with a repeat of row 0, which a corpus metric must not count twice."""
     folder.mkdir()
-    if task == "ner":
+    if task == "sft":  # 21 problems: 11 and 10, two packed rows each way; 10 answered, in batches of 8 and 2
+        for split, count in (("train", 40), ("validation", 21)):
+            lines = (ROOT / "data" / "gsm8k" / f"{split}.jsonl").read_text().splitlines()[:count]
+            (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    elif task == "ner":
         for split in ("train", "validation"):
             sentences = (ROOT / "data" / "wnut17" / f"{split}.conll").read_text().strip().split("\n\n")
             kept = sentences[:151] if split == "validation" else sentences[:400]
@@ -32,12 +36,15 @@ def _odd_sized_copy(task: str, folder):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task", ["text_classification", "ner"])
+@pytest.mark.parametrize("task", ["text_classification", "ner", "sft"])
 def test_two_ranks_train_into_one_run_dir_and_evaluate_like_one_process(task, tmp_path, monkeypatch):
     data = _odd_sized_copy(task, tmp_path / "data")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))  # rank 0 tokenizes afresh
-    common = [f"task={task}", f"dataset.data_dir={data}", *QUICK, "trainer.limit_val_batches=1.0", "test=false",
-              "trainer.precision=32-true"]
+    tiny = (["backbone=tiny_gpt2", "dataset.chat_template=chatml", "dataset.max_length=256", "task.max_new_tokens=8",
+             "dataset.eval_batch_size=1"] if task == "sft" else [])
+    quick = [a for a in QUICK if not (tiny and a.startswith("backbone="))]
+    common = [f"task={task}", f"dataset.data_dir={data}", *quick, *tiny, "trainer.limit_val_batches=1.0",
+              "test=false", "trainer.precision=32-true"]
     result = run_cli([*common, "trainer=ddp_sim", "run_dir=ddp"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "ddp"
@@ -47,6 +54,9 @@ def test_two_ranks_train_into_one_run_dir_and_evaluate_like_one_process(task, tm
     assert "rank 1: tokenized 0 rows" in (run_dir / "train_ddp_process_1.log").read_text()  # ...rank 1 read its cache
     assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "hf_model" / "config.json").is_file()
     assert len(ranks["validation"]) > 2
+    if task == "sft":  # the answers of both ranks, gathered
+        assert ranks["validation"]["val/answered"] == 10.0
+        assert len(json.loads((run_dir / "predictions_val.json").read_text())) == 10
 
     # The same weights evaluated by one process, over the same 151 rows.
     one = tmp_path / "one"

@@ -23,7 +23,7 @@ QUICK_RUN = ["~callbacks.progress_bar"]
 # stands in for each: a command naming one runs on that copy, and is skipped, naming the folder, where it is absent.
 REAL_DATA = {"<your SST-2 dir>": "glue_sst2", "<your STS-B dir>": "glue_stsb", "<your CoNLL-2003 dir>": "conll2003",
              "<your OpenBookQA dir>": "openbookqa/main", "<your Multi30k dir>": "multi30k",
-             "<your Tiny Shakespeare dir>": "tiny_shakespeare"}
+             "<your Tiny Shakespeare dir>": "tiny_shakespeare", "<your GSM8K dir>": "gsm8k"}
 
 
 def blocks(language: str) -> list[str]:
@@ -77,6 +77,11 @@ def placeholders(tmp_path_factory, tiny_pretrained):
             for t in topics]
     for split, part in (("train", rows[:48]), ("validation", rows[48:])):
         (seq2seq / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    chat = tmp_path_factory.mktemp("user_chat")
+    turns = [[{"role": "user", "content": f"what is {t}?"}, {"role": "assistant", "content": f"{t} is news."}]
+             for t in topics]
+    for split in ("train", "validation"):
+        (chat / f"{split}.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in turns * 4))
     translation = tmp_path_factory.mktemp("translation_export")
     texts = (sample_dir("multi30k") / "train.de").read_text().splitlines()
     tokenizer = train_tokenizer(texts + (sample_dir("multi30k") / "train.en").read_text().splitlines(),
@@ -88,7 +93,8 @@ def placeholders(tmp_path_factory, tiny_pretrained):
     return {"<your data dir>": str(data), "<model dir>": tiny_pretrained, "<exported dir>": tiny_pretrained,
             "<your pairs dir>": str(pairs), "<exported similarity dir>": str(similarity),
             "<your squad dir>": str(squad), "<your squad v2 dir>": str(squad_v2), "<exported qa dir>": str(qa_export),
-            "<your seq2seq dir>": str(seq2seq), "<exported translation dir>": str(translation)}
+            "<your seq2seq dir>": str(seq2seq), "<exported translation dir>": str(translation),
+            "<your chat dir>": str(chat)}
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +104,16 @@ def similarity_run(tmp_path_factory) -> str:
 
     run = tmp_path_factory.mktemp("similarity_run")
     train(compose_config(["task=similarity", *QUICK, "test=false"], run))
+    return str(run)
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory) -> str:
+    """A run directory of a tiny instruction-tuned decoder, for the README's predict command."""
+    from lightning_ft.train import train
+
+    run = tmp_path_factory.mktemp("sft_run")
+    train(compose_config(["task=sft", *TINY_SFT, "debug=limit", "test=false", *QUICK_RUN], run))
     return str(run)
 
 
@@ -123,11 +139,13 @@ def _tiny_backbone(args: list[str]) -> str:
     """The tiny model for a command's task (its experiment's, when it names one)."""
     if any(a in args for a in ("task=translation", "task=summarization")) or "experiment=t5_" in " ".join(args):
         return "backbone=tiny_t5"
-    if "task=clm" in args or "experiment=gpt2_" in " ".join(args):
+    if "task=clm" in args or "task=sft" in args or "experiment=gpt2_" in " ".join(args):
         return "backbone=tiny_gpt2"
     return "backbone=tiny_bert_scratch" if "task=mlm" in args else "backbone=tiny_bert"
 
 
+# A decoder built from a config has no chat template: ChatML, within its 256 positions, answers kept short.
+TINY_SFT = ["backbone=tiny_gpt2", "dataset.chat_template=chatml", "dataset.max_length=256", "task.max_new_tokens=8"]
 WORKFLOW = "outputs/minilm_domain"  # the two-command continued-pretraining workflow: test_readme_workflow runs it
 
 
@@ -154,6 +172,8 @@ def test_readme_train_command_runs(command, tmp_path, placeholders):
         args.append("debug=limit")
     if _tiny_backbone(args) == "backbone=tiny_t5":  # random seq2seq models generate to the limit: keep it short
         args.append("task.max_new_tokens=8")
+    if "task=sft" in args:
+        args += [a for a in TINY_SFT[1:] if a.split("=")[0] not in " ".join(args)]
     if real:
         args += ["+dataset.max_train_examples=300", "+dataset.max_eval_examples=100"]
         if "task=ner" in args:  # 300 training sentences lack some rare POS tags of the validation split
@@ -216,7 +236,8 @@ def test_readme_predict_command_runs(command, tmp_path, request):
     (tmp_path / "sentences.txt").write_text("Empire State Building is in New York\nHello there, Bob\n")
     (tmp_path / "tokens.conll").write_text("Empire\tB-location\nState\tI-location\n\nBob\tB-person\n")
     (tmp_path / "data").symlink_to(ROOT / "data")  # the commands name data/predict/ inputs, from the clone's root
-    for placeholder, fixture in [("<run dir>", "ner_run"), ("<similarity run dir>", "similarity_run")]:
+    for placeholder, fixture in [("<run dir>", "ner_run"), ("<similarity run dir>", "similarity_run"),
+                                 ("<sft run dir>", "sft_run")]:
         if placeholder in command:
             command = command.replace(placeholder, shlex.quote(request.getfixturevalue(fixture)))
     if "<exported" in command:

@@ -227,3 +227,69 @@ def test_a_run_packs_scores_answers_and_exports_a_model_that_answers_a_conversat
     assert end in generation.eos_token_id
     answer = generator([{"role": "user", "content": "the cat sat"}], max_new_tokens=40)[0]["generated_text"][-1]
     assert answer == {"role": "assistant", "content": "#### 3"}  # stopped at <|im_end|>, 40 tokens allowed
+
+
+def test_a_template_that_renders_a_conversations_start_differently_alone_is_refused(tokenizer):
+    ends_differently = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|im_end|>{% endfor %}"
+                        "{% if not add_generation_prompt %}(end){% endif %}")
+    data = data_for(tokenizer, chat_template=ends_differently)  # a two-turn conversation renders fine
+    with pytest.raises(UserError, match="does not render a row turn by turn"):
+        data.tokenize(CONVERSATION)
+
+
+def tiny_pretrained_gpt2(folder: Path, tokenizer) -> str:
+    """A GPT-2 saved like a hub checkpoint with a tokenizer that lacks the ChatML markers."""
+    import transformers
+
+    plain = train_tokenizer([" ".join(WORDS)] * 20, algorithm="bpe", vocab_size=280, add_eos=False)
+    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=64, vocab_size=len(plain))
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    plain.save_pretrained(folder)
+    return str(folder)
+
+
+def test_a_pretrained_backbone_without_the_chatml_markers_gets_them_and_bigger_embeddings(tmp_path, tokenizer):
+    from lightning_ft.backbones import load_tokenizer
+    from lightning_ft.tasks.sft import InstructionTuningTask
+
+    name = tiny_pretrained_gpt2(tmp_path, tokenizer)
+    plain = load_tokenizer(name)
+    before = len(plain)
+    data = InstructionData(data_files={"train": "x"}, chat_template="chatml", max_length=64, tokenizer=plain)
+    assert len(plain) == before + 2 and data.end_of_turn == "<|im_end|>"
+    kwargs = {**data.head_kwargs(), "backbone": {"name": name}}
+    module = InstructionTuningTask(**kwargs)
+    assert module.model.get_input_embeddings().num_embeddings == before + 2
+    end = plain.convert_tokens_to_ids("<|im_end|>")
+    assert end in module.model.generation_config.eos_token_id
+    with pytest.raises(UserError, match="dataset.max_length=128 is more than the 64 positions of backbone gpt2"):
+        InstructionTuningTask(**{**kwargs, "max_length": 128})
+
+
+def test_packing_asked_of_a_backbone_that_mixes_packed_examples_is_refused(tmp_path, tokenizer, monkeypatch):
+    from lightning_ft.tasks.sft import model
+
+    name = tiny_pretrained_gpt2(tmp_path, tokenizer)
+    monkeypatch.setattr(model, "isolates_packed_documents", lambda m: False)  # as BERT-style attention would
+    with pytest.raises(UserError, match="does not keep packed examples apart .* set dataset.packing=false"):
+        model.InstructionTuningTask(backbone={"name": name}, packing=True)
+    assert model.InstructionTuningTask(backbone={"name": name}).packing is False  # null: padded batches instead
+
+
+def test_predict_answers_prompts_and_conversations_from_the_export_and_the_checkpoint(tuned, tmp_path, capsys):
+    from lightning_ft.predict import main
+
+    rows = [{"id": 1, "prompt": "the cat sat"},
+            {"id": 2, "prompt": [{"role": "user", "content": "sat on a mat"}]},
+            {"id": 3, "prompt": [{"role": "user", "content": "the cat sat"}, {"role": "assistant", "content": "x"}]}]
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for where in (f"model_dir={tuned}", f"ckpt_path={tuned / 'checkpoints' / 'last.ckpt'}"):
+        out = tmp_path / f"out{len(where)}.jsonl"
+        assert main([where, f"input={source}", f"output={out}", "max_new_tokens=20"]) == 0
+        answers = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [a["response"] for a in answers] == ["#### 3", "#### 4", "#### 3"], where
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": [{"role": "robot", "content": "hi"}]}) + "\n")
+    assert main([f"model_dir={tuned}", f"input={bad}", f"output={tmp_path / 'x.jsonl'}"]) == 2
+    assert re.search(r"error: row 1 of .*bad.jsonl: turn 1 has the role 'robot'", capsys.readouterr().err)

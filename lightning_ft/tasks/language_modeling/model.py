@@ -34,6 +34,22 @@ def isolates_packed_documents(model: Any, causal: bool = True) -> bool:
     return torch.allclose(alone.float(), packed.float(), atol=1e-4)
 
 
+def score_tokens(module: TaskModule, stage: str, batch: dict, causal: bool) -> None:
+    """An evaluation step of a language model: the token losses computed once, here (the model returns only their
+    mean), counted for the rows this rank owns, into the corpus loss and perplexity (the base's loss metric and the
+    task's ``perplexity``). Replaces the base's step and its ``update_metrics``."""
+    labels = batch["labels"]
+    logits = module(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    if causal:  # position t predicts token t + 1
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    losses = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                             reduction="none").view(labels.shape)
+    own = module.own_rows(stage, len(labels))  # rows DistributedSampler repeats to even out the ranks come last
+    summed, counted = losses[:own].sum(), (labels[:own] != -100).sum()
+    module.eval_loss[stage].update(summed / counted.clamp(min=1), counted)  # the mean over every token of the split
+    module.metrics[stage]["perplexity"].update(summed, counted)
+
+
 class LanguageModelingTask(TaskModule):
     """A causal LM (``objective=clm``: GPT-2, Llama...) or masked LM (``objective=mlm``: BERT, RoBERTa...) trained
     on text, scored by corpus perplexity.
@@ -89,19 +105,7 @@ class LanguageModelingTask(TaskModule):
                 "restarting position ids): use dataset.document_attention=shared, or dataset.packing=line_by_line.")
 
     def _eval_step(self, stage: str, batch: dict) -> None:
-        # Replaces the base's step (and its update_metrics): the token losses are computed here, once, rather than
-        # by the model (which only returns their mean), and counted only for the rows this rank owns.
-        labels = batch["labels"]
-        logits = self(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        if self.objective == "clm":  # position t predicts token t + 1
-            logits, labels = logits[:, :-1], labels[:, 1:]
-        losses = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
-                                 reduction="none").view(labels.shape)
-        counted = labels != -100
-        self.log(f"{stage}/loss", losses.sum() / counted.sum().clamp(min=1), prog_bar=stage == "val",
-                 sync_dist=True, batch_size=len(labels))
-        own = self.own_rows(stage, len(labels))  # rows DistributedSampler repeats to even out the ranks come last
-        self.metrics[stage]["perplexity"].update(losses[:own].sum(), counted[:own].sum())
+        score_tokens(self, stage, batch, causal=self.objective == "clm")
         if stage == "val" and self._prompts is None and self.show_examples:
             self._prompts = batch["input_ids"][: self.show_examples].detach().cpu()
 

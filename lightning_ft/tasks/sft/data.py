@@ -318,11 +318,13 @@ class InstructionData(TaskDataModule):
 
     def head_kwargs(self) -> dict[str, Any]:
         tokenizer = self.tokenizer
-        stops = [tokenizer.convert_tokens_to_ids(self.end_of_turn), tokenizer.eos_token_id]
+        stops = ([tokenizer.convert_tokens_to_ids(self.end_of_turn), tokenizer.eos_token_id] if tokenizer is not None
+                 else [])
         return {"packing": self.packing, "max_length": self.max_length, "end_of_turn": self.end_of_turn,
-                "vocab_size": len(tokenizer),
-                "stop_token_ids": [i for i in stops if i is not None], "pad_token_id": tokenizer.pad_token_id,
-                "chat_template": tokenizer.chat_template}
+                "vocab_size": len(tokenizer) if tokenizer is not None else None,
+                "stop_token_ids": [i for i in stops if i is not None],
+                "pad_token_id": tokenizer.pad_token_id if tokenizer is not None else None,
+                "chat_template": tokenizer.chat_template if tokenizer is not None else None}
 
     # ---- generation prompts ------------------------------------------------------------------------------------
     def generation_prompts(self, split: str, limit: int | None) -> list[dict]:

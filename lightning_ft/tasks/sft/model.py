@@ -7,10 +7,14 @@ import re
 from typing import Any
 
 import torch
+from torchmetrics import MetricCollection
+from transformers import AutoModelForCausalLM
 
 from lightning_ft.errors import UserError
 from lightning_ft.metrics.generation import RougeScores
-from lightning_ft.tasks.language_modeling.model import LanguageModelingTask, isolates_packed_documents
+from lightning_ft.metrics.language_modeling import Perplexity
+from lightning_ft.tasks.base import TaskModule
+from lightning_ft.tasks.language_modeling.model import isolates_packed_documents, score_tokens
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +37,7 @@ def final_answer(text: str, pattern: re.Pattern) -> str | None:
     return str(int(number)) if number.is_integer() else str(number)
 
 
-class InstructionTuningTask(LanguageModelingTask):
+class InstructionTuningTask(TaskModule):
     """A decoder LM tuned on conversations or prompt/completion pairs, the loss on the answers.
 
     Evaluation: loss and perplexity over the answer tokens of the split; then answers generated (greedy by default)
@@ -53,6 +57,7 @@ class InstructionTuningTask(LanguageModelingTask):
         show_examples: generated answers printed after each evaluation.
     """
 
+    auto_class = AutoModelForCausalLM
     default_monitor = ("val/loss", "min")
 
     def __init__(
@@ -87,9 +92,7 @@ class InstructionTuningTask(LanguageModelingTask):
         except re.error as err:
             raise UserError(f"task.answer_pattern {answer_pattern!r} is not a regular expression ({err}).") from err
         self._vocab_size = vocab_size  # read by adjust_model, during the base's set-up
-        for fixed in ("objective", "document_attention"):  # a causal LM always; saved with the hyper-parameters
-            kwargs.pop(fixed, None)
-        super().__init__(objective="clm", show_examples=0, **kwargs)
+        super().__init__(**kwargs)
         self.answers_shown = show_examples
         self.generate_limit = generate_limit
         self.test_generate_limit = test_generate_limit
@@ -122,7 +125,18 @@ class InstructionTuningTask(LanguageModelingTask):
                      embeddings, self._vocab_size)
             model.resize_token_embeddings(self._vocab_size)
 
+    def make_metrics(self, prefix: str) -> MetricCollection:
+        return MetricCollection({"perplexity": Perplexity()}, prefix=prefix)
+
+    def forward(self, **inputs: Any) -> Any:
+        # No cache: training does not use one, and with one transformers would not read packed examples from the
+        # position ids.
+        return super().forward(**inputs, use_cache=False)
+
     # ---- evaluation --------------------------------------------------------------------------------------------
+    def _eval_step(self, stage: str, batch: dict) -> None:
+        score_tokens(self, stage, batch, causal=True)  # the loss and perplexity of the answer tokens
+
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:
             self._answer("val", self.generate_limit)

@@ -37,10 +37,7 @@ def conversation_of(value: Any, system_prompt: str) -> list[dict]:
 
 
 def check_prompts(rows: list[dict], source: Any, tokenizer: Any, *, column: str, **_: Any) -> None:
-    """Every row holds a text or a conversation that ends with a user turn, and the tokenizer has a template."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise UserError("the model's tokenizer has no chat template: export it from a task=sft run, or set one in "
-                        "its tokenizer_config.json.")
+    """Every row holds a text or a conversation that ends with a user turn."""
     for number, row in enumerate(rows, start=1):
         value = row[column]
         if isinstance(value, str):
@@ -56,6 +53,9 @@ def predict_responses(model: Any, tokenizer: Any, rows: list[dict], *, column: s
                       max_new_tokens: int, do_sample: bool, temperature: float, seed: int) -> list[dict]:
     """Each row's ``response``: the prompt rendered with the chat template and its generation prompt, answered with
     the model's generation settings (it stops at the end-of-turn token its export names)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("the model's tokenizer has no chat template: export it from a task=sft run, or set one in "
+                        "its tokenizer_config.json.")
     prompts = [tokenizer.apply_chat_template(conversation_of(row[column], system_prompt), tokenize=False,
                                              add_generation_prompt=True) for row in rows]
     encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in prompts]
