@@ -137,17 +137,17 @@ def main() -> None:
 
 
 def gsm8k() -> None:
-    """GSM8K (MIT): 240 training and 40 validation problems, disjoint draws from its train split, and 40 test
+    """GSM8K (MIT): 120 training and 40 validation problems, disjoint draws from its train split, and 40 test
     problems from its test split, unchanged (question, answer), with the licence beside them."""
     rng = random.Random(0)
     source = SHARED / "gsm8k"
     train = (source / "train.jsonl").read_text(encoding="utf-8").splitlines()
     test = (source / "test.jsonl").read_text(encoding="utf-8").splitlines()
-    picked = rng.sample(range(len(train)), 280)
+    picked = rng.sample(range(len(train)), 160)
     out = OUT / "gsm8k"
     out.mkdir(parents=True, exist_ok=True)
-    for split, lines in (("train", [train[i] for i in sorted(picked[:240])]),
-                         ("validation", [train[i] for i in sorted(picked[240:])]),
+    for split, lines in (("train", [train[i] for i in sorted(picked[:120])]),
+                         ("validation", [train[i] for i in sorted(picked[120:])]),
                          ("test", [test[i] for i in sorted(rng.sample(range(len(test)), 40))])):
         (out / f"{split}.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     (out / "LICENSE").write_text((source / "LICENSE").read_text(encoding="utf-8"), encoding="utf-8")

@@ -169,7 +169,7 @@ def test_every_experiment_runs_with_a_tiny_model(tmp_path, experiment):
     overrides = [f"experiment={experiment}", *quick, f"dataset.data_dir={LOCAL_DATA[dataset]}",
                  "+dataset.max_train_examples=200", "+dataset.max_eval_examples=100"]
     if task in ("translation", "summarization"):  # a random tiny model generates to the limit: keep it short
-        overrides.append("task.max_new_tokens=8")
+        overrides += ["task.max_new_tokens=8", "task.num_beams=1"]
     cfg = compose_config(overrides, tmp_path)
     assert cfg.run_name == experiment  # the experiment's own keys win over train.yaml's
     best = train(cfg)

@@ -71,8 +71,8 @@ class InstructionTuningTask(TaskModule):
         vocab_size: int | None = None,
         chat_template: str | None = None,
         train_on_prompt: bool = False,
-        generate_limit: int | None = 10,
-        test_generate_limit: int | None = None,
+        generate_limit: int | None = 5,
+        test_generate_limit: int | None = 20,
         generate_batch_size: int = 8,
         max_new_tokens: int = 256,
         do_sample: bool = False,
@@ -183,7 +183,7 @@ class InstructionTuningTask(TaskModule):
         self.examples[stage] = [{"row": int(row), **entry} for row, entry in
                                 list(predictions.items())[: self.answers_shown]]
         for example in self.examples[stage]:
-            log.info("answer: %r -> %r", example["source"][-200:], example["prediction"][:300])
+            log.info("answer: %r -> %r", example["source"][:200], example["prediction"][:300])
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]]) -> list[str]:
