@@ -66,6 +66,11 @@ def pytest_xdist_auto_num_workers(config):
     return max(1, min(os.cpu_count() or 1, 4))
 
 
+def pytest_collection_modifyitems(config, items):
+    """The slow end-to-end runs first: in parallel they overlap the many short tests instead of trailing them."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
     for mark in item.iter_markers("needs_shared"):

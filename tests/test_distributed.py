@@ -41,7 +41,7 @@ def test_two_ranks_train_into_one_run_dir_and_evaluate_like_one_process(task, tm
     data = _odd_sized_copy(task, tmp_path / "data")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))  # rank 0 tokenizes afresh
     tiny = (["backbone=tiny_gpt2", "dataset.chat_template=chatml", "dataset.max_length=256", "task.max_new_tokens=8",
-             "dataset.eval_batch_size=1"] if task == "sft" else [])
+             "task.generate_limit=10", "dataset.eval_batch_size=1"] if task == "sft" else [])
     quick = [a for a in QUICK if not (tiny and a.startswith("backbone="))]
     common = [f"task={task}", f"dataset.data_dir={data}", *quick, *tiny, "trainer.limit_val_batches=1.0",
               "test=false", "trainer.precision=32-true"]

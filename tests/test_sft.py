@@ -293,3 +293,10 @@ def test_predict_answers_prompts_and_conversations_from_the_export_and_the_check
     bad.write_text(json.dumps({"prompt": [{"role": "robot", "content": "hi"}]}) + "\n")
     assert main([f"model_dir={tuned}", f"input={bad}", f"output={tmp_path / 'x.jsonl'}"]) == 2
     assert re.search(r"error: row 1 of .*bad.jsonl: turn 1 has the role 'robot'", capsys.readouterr().err)
+
+
+def test_a_template_that_writes_no_assistant_content_is_refused(tokenizer):
+    drops_answers = ("{% for m in messages %}{{ m['role'] }}: {% if m['role'] != 'assistant' %}{{ m['content'] }}"
+                     "{% endif %}<|im_end|>{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    with pytest.raises(UserError, match="renders no assistant content .* set dataset.chat_template"):
+        data_for(tokenizer, chat_template=drops_answers)
