@@ -173,7 +173,8 @@ def test_readme_train_command_runs(command, tmp_path, placeholders):
     elif not any(a.startswith("debug=") for a in args):
         args.append("debug=limit")
     if _tiny_backbone(args) == "backbone=tiny_t5":  # random seq2seq models generate to the limit: keep it short
-        args.append("task.max_new_tokens=8")
+        args += ["task.max_new_tokens=8", *([] if any(a.startswith("task.num_beams=") for a in args) else
+                                            ["task.num_beams=1"])]
     if "backbone=bart_small_scratch" in args:  # the named architecture, at a tiny size
         args += ["backbone.config_overrides={d_model: 32, encoder_layers: 1, decoder_layers: 1, encoder_ffn_dim: 64, "
                  "decoder_ffn_dim: 64, encoder_attention_heads: 2, decoder_attention_heads: 2}",
