@@ -422,8 +422,9 @@ def _value(row: dict, column: str) -> Any:
 
 
 # ---- models --------------------------------------------------------------------------------------------------------
-def exported_model(model_dir: str | Path) -> tuple[TaskSpec, Path]:
-    """What an exported directory (or ``<run dir>/hf_model``, or a sentence-transformers model) holds, and where."""
+def exported_model(model_dir: str | Path, wanted: TaskSpec | None = None) -> tuple[TaskSpec, Path]:
+    """What an exported directory (or ``<run dir>/hf_model``, or a sentence-transformers model) holds, and where;
+    ``wanted`` (predict's ``task=``) where the model serves more than one task (a causal LM: clm or sft)."""
     from transformers import AutoConfig
 
     from lightning_ft.backbones import resolve_name
@@ -437,7 +438,7 @@ def exported_model(model_dir: str | Path) -> tuple[TaskSpec, Path]:
         raise UserError(f"'{model_dir}' is not an exported model (no config.json in it or in its hf_model/): give a "
                         f"run's hf_model directory{hint}.")
     config = AutoConfig.from_pretrained(path)
-    spec = tasks.of_export(config, path)
+    spec = tasks.of_export(config, path, wanted)
     if spec is None or spec.prediction is None:
         handled = "; ".join(p.title for p in tasks.predictions())
         raise UserError(f"'{path}' holds a {', '.join(config.architectures or []) or 'model of unknown architecture'}"
@@ -642,7 +643,7 @@ def run(options: dict[str, str], flags: bool) -> None:
 
     # What the model is, from its config or the checkpoint's record: no weights are loaded yet.
     if options.get("model_dir"):
-        spec, where = exported_model(options["model_dir"])
+        spec, where = exported_model(options["model_dir"], expected)
         checkpoint = None
     else:
         where = options["ckpt_path"]

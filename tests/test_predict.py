@@ -518,7 +518,7 @@ def test_a_failure_while_predicting_leaves_the_existing_output(classifier_dir, e
 
     spec = dataclasses.replace(text_classification.SPEC,
                                prediction=dataclasses.replace(text_classification.SPEC.prediction, rows=failing))
-    monkeypatch.setattr("lightning_ft.tasks.of_export", lambda config, path: spec)
+    monkeypatch.setattr("lightning_ft.tasks.of_export", lambda config, path, wanted=None: spec)
     source = _write_jsonl(tmp_path / "in.jsonl", [{"text": "good"}, {"text": "bad"}])
     with pytest.raises(RuntimeError):
         _predict(f"model_dir={classifier_dir}", f"input={source}", f"output={existing}", "batch_size=1",
@@ -658,7 +658,7 @@ def _rows_calling(monkeypatch, before) -> None:
 
     spec = dataclasses.replace(text_classification.SPEC,
                                prediction=dataclasses.replace(text_classification.SPEC.prediction, rows=rows))
-    monkeypatch.setattr("lightning_ft.tasks.of_export", lambda config, path: spec)
+    monkeypatch.setattr("lightning_ft.tasks.of_export", lambda config, path, wanted=None: spec)
 
 
 def test_an_output_another_program_writes_while_predicting_is_kept(classifier_dir, tmp_path, monkeypatch, capsys):

@@ -300,3 +300,35 @@ def test_a_template_that_writes_no_assistant_content_is_refused(tokenizer):
                      "{% endif %}<|im_end|>{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
     with pytest.raises(UserError, match="renders no assistant content .*set dataset.chat_template"):
         data_for(tokenizer, chat_template=drops_answers)
+
+
+def test_a_causal_lm_export_is_read_as_sft_or_clm_as_it_says_or_as_asked(tuned, tmp_path):
+    import shutil
+
+    from transformers import AutoConfig
+
+    from lightning_ft import tasks
+    from lightning_ft.predict import main
+
+    export = tuned / "hf_model"
+    config = AutoConfig.from_pretrained(export)
+    assert tasks.of_export(config, export).name == "sft"  # its lightning_ft.json
+    foreign = tmp_path / "foreign"
+    shutil.copytree(export, foreign)
+    (foreign / "lightning_ft.json").unlink()
+    assert tasks.of_export(config, foreign).name == "sft"  # a causal LM with a chat template answers
+    assert tasks.of_export(config, foreign, tasks.get("clm")).name == "clm"  # predict task=clm
+    for name in ("tokenizer_config.json", "chat_template.jinja"):
+        path = foreign / name
+        if name == "chat_template.jinja":
+            path.unlink(missing_ok=True)
+        else:
+            settings = json.loads(path.read_text())
+            settings.pop("chat_template", None)
+            path.write_text(json.dumps(settings))
+    assert tasks.of_export(config, foreign).name == "clm"  # no template: it continues text
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"prompt": "the cat"}) + "\n")
+    assert main([f"model_dir={export}", f"input={source}", f"output={tmp_path / 'out.jsonl'}", "task=clm",
+                 "max_new_tokens=3"]) == 0
+    assert "continuation" in json.loads((tmp_path / "out.jsonl").read_text())

@@ -76,21 +76,31 @@ def of_checkpoint_class(class_name: str, hparams: dict[str, Any]) -> TaskSpec | 
     return next((s for s in specs() if s.matches_checkpoint(class_name, hparams)), None)
 
 
-def of_export(config: Any, path: Path) -> TaskSpec | None:
-    """The task an exported directory holds: as its ``lightning_ft.json`` names it (a causal LM's export is a clm
-    or an sft model), else by its config's architecture, else by a file that marks it."""
+def of_export(config: Any, path: Path, wanted: TaskSpec | None = None) -> TaskSpec | None:
+    """The task an exported directory holds: ``wanted`` where the model fits it (a causal LM serves clm and sft), else
+    as its ``lightning_ft.json`` names it, else by its config's architecture (a causal LM whose tokenizer has a chat
+    template: sft), else by a file that marks it."""
     import json
 
-    try:
-        named = json.loads((path / "lightning_ft.json").read_text()).get("task")
-    except (OSError, ValueError, AttributeError):
-        named = None
+    def read(name: str) -> dict:
+        try:
+            found = json.loads((path / name).read_text())
+        except (OSError, ValueError):
+            return {}
+        return found if isinstance(found, dict) else {}
+
+    if wanted is not None and wanted.matches_architecture(config):
+        return wanted
+    named = read("lightning_ft.json").get("task")
     found = next((s for s in specs() if s.name == named), None)
     if found is not None and found.matches_architecture(config):
         return found
-    for spec in specs():
-        if spec.matches_architecture(config):
-            return spec
+    fitting = [spec for spec in specs() if spec.matches_architecture(config)]
+    chat = bool(read("tokenizer_config.json").get("chat_template")) or (path / "chat_template.jinja").is_file()
+    if chat and any(s.name == "sft" for s in fitting):
+        return next(s for s in fitting if s.name == "sft")
+    if fitting:
+        return fitting[0]
     return next((s for s in specs() if s.export_file and (path / s.export_file).is_file()), None)
 
 
