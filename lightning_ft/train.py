@@ -89,7 +89,9 @@ def prepare_data(cfg: DictConfig, run_dir: Path, saved_checkpoint: dict[str, Any
     datamodule = instantiate(cfg.dataset, seed=cfg.seed, _convert_="all")
     spec = backbone.get("train_tokenizer")
     if not spec:
-        return load_tokenizer(**backbone), datamodule, backbone
+        tokenizer = load_tokenizer(**backbone)
+        datamodule.connect(tokenizer)
+        return tokenizer, datamodule, backbone
     saved = run_dir / "tokenizer"
     source = (_checkpoint_tokenizer(saved_checkpoint)
               or (saved if (saved / "tokenizer_config.json").is_file() else None))
@@ -103,6 +105,7 @@ def prepare_data(cfg: DictConfig, run_dir: Path, saved_checkpoint: dict[str, Any
                                     extra_special_tokens=datamodule.special_tokens())
         log.info("Trained a %s tokenizer of %d tokens on the training text: %s", spec.get("algorithm", "unigram"),
                  len(tokenizer), saved)
+    datamodule.connect(tokenizer)  # before saving: predict reads it as connecting leaves it (a chat template...)
     if source != saved:
         tokenizer.save_pretrained(saved)
     return tokenizer, datamodule, {**backbone, "tokenizer": str(saved)}
@@ -162,10 +165,6 @@ def _run(cfg: DictConfig, plan: Any, saved_checkpoint: dict[str, Any] | None) ->
     if not plan.writer:
         wait_for_rank_zero_data(plan.run_dir)
     tokenizer, datamodule, backbone = prepare_data(cfg, plan.run_dir, saved_checkpoint)
-    datamodule.connect(tokenizer)
-    trained_tokenizer = backbone.get("train_tokenizer") and backbone.get("tokenizer")
-    if plan.writer and trained_tokenizer:  # as connecting left it (a chat template, a pad token): what predict reads
-        tokenizer.save_pretrained(trained_tokenizer)
     datamodule.prepare_data()
     if plan.writer:
         mark_data_ready(plan.run_dir)
