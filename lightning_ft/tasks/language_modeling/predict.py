@@ -34,6 +34,25 @@ class FillOptions:
     max_length: int = option(512, "tokens kept of each text")
 
 
+def positions(config: Any) -> int | None:
+    """The positions a decoder's config allows (GPT-2's ``n_positions``, most others' ``max_position_embeddings``);
+    None where it names no limit."""
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
+@torch.no_grad()
+def generate_left_padded(model: Any, prompts: list[list[int]], pad: int, seed: int, **settings: Any) -> torch.Tensor:
+    """The tokens ``model.generate`` adds to each tokenized prompt, the prompts left-padded into one batch; seeded,
+    without touching the caller's random state (sampling draws from its own)."""
+    width = max(len(ids) for ids in prompts)
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompts], device=model.device)
+    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], device=model.device)
+    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, **settings)
+    return generated[:, width:]
+
+
 @torch.no_grad()
 def predict_continuations(model: Any, tokenizer: Any, rows: list[dict], *, column: str, max_new_tokens: int,
                           num_beams: int, do_sample: bool, top_k: int, temperature: float, seed: int) -> list[dict]:
@@ -43,7 +62,7 @@ def predict_continuations(model: Any, tokenizer: Any, rows: list[dict], *, colum
     than the model's positions allow keeps its last tokens."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     pad = pad if pad is not None else eos if eos is not None else 0
-    limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    limit = positions(model.config)
     if limit and max_new_tokens >= limit:
         raise UserError(f"max_new_tokens={max_new_tokens} leaves no room for the prompt in the model's {limit} "
                         "positions: lower it.")
@@ -54,15 +73,10 @@ def predict_continuations(model: Any, tokenizer: Any, rows: list[dict], *, colum
             ids = ids[:-1]
         ids = ids or [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos]
         prompts.append(ids[-(limit - max_new_tokens):] if limit else ids)
-    width = max(len(ids) for ids in prompts)
-    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompts], device=model.device)
-    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], device=model.device)
     sampling = {"do_sample": True, "top_k": top_k, "temperature": temperature} if do_sample else {"do_sample": False}
-    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                                   num_beams=num_beams, pad_token_id=pad, **sampling)
-    return [{"continuation": text} for text in tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)]
+    generated = generate_left_padded(model, prompts, pad, seed, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                                     pad_token_id=pad, **sampling)
+    return [{"continuation": text} for text in tokenizer.batch_decode(generated, skip_special_tokens=True)]
 
 
 def check_masked_rows(rows: list[dict], source: Any, tokenizer: Any, *, column: str, **_: Any) -> None:

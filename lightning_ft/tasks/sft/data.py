@@ -39,6 +39,14 @@ def template_fields(template: str) -> list[str]:
                         "a literal brace as {{ or }}.") from err
 
 
+def add_chat_markers(tokenizer: Any) -> None:
+    """Give a tokenizer whose template is ChatML the ChatML markers it lacks, as special tokens."""
+    if tokenizer.chat_template == CHATML:
+        missing = [t for t in CHATML_TOKENS if t not in tokenizer.get_vocab()]
+        if missing:
+            tokenizer.add_tokens(missing, special_tokens=True)
+
+
 def check_conversation(messages: Any) -> str | None:
     """What is wrong with a ``messages`` value (None when nothing is): a list of ``{role, content}`` turns, an
     optional system turn first, then user and assistant in turn, with at least one assistant turn."""
@@ -128,10 +136,7 @@ class InstructionData(TaskDataModule):
         elif not getattr(tokenizer, "chat_template", None):
             raise UserError(f"the tokenizer ({type(tokenizer).__name__}) has no chat template: set "
                             "dataset.chat_template=chatml (or a Jinja template of your own).")
-        if tokenizer.chat_template == CHATML:
-            missing = [t for t in CHATML_TOKENS if t not in tokenizer.get_vocab()]
-            if missing:  # the model's embeddings grow to match (the task resizes them)
-                tokenizer.add_tokens(missing, special_tokens=True)
+        add_chat_markers(tokenizer)  # the model's embeddings grow to match (the task resizes them)
         if tokenizer.pad_token_id is None:
             if tokenizer.eos_token_id is None:
                 raise UserError("the tokenizer has neither a pad nor an eos token: give it one (backbone.tokenizer).")

@@ -15,6 +15,7 @@ from lightning_ft.metrics.generation import RougeScores
 from lightning_ft.metrics.language_modeling import Perplexity
 from lightning_ft.tasks.base import TaskModule
 from lightning_ft.tasks.language_modeling.model import isolates_packed_documents, score_tokens
+from lightning_ft.tasks.language_modeling.predict import generate_left_padded, positions
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +100,10 @@ class InstructionTuningTask(TaskModule):
         self.generate_batch_size = generate_batch_size
         self.chat_template = chat_template
         self.end_of_turn = end_of_turn
-        config = self.model.config
-        positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-        if max_length and positions and max_length > positions:
-            raise UserError(f"dataset.max_length={max_length} is more than the {positions} positions of backbone "
-                            f"{config.model_type}: lower dataset.max_length to at most {positions}.")
+        limit = positions(self.model.config)
+        if max_length and limit and max_length > limit:
+            raise UserError(f"dataset.max_length={max_length} is more than the {limit} positions of backbone "
+                            f"{self.model.config.model_type}: lower dataset.max_length to at most {limit}.")
         isolates = isolates_packed_documents(self.model)
         if packing and not isolates:
             raise UserError(f"backbone {self.model.config.model_type} does not keep packed examples apart (its "
@@ -189,22 +189,15 @@ class InstructionTuningTask(TaskModule):
     def generate(self, prompts: list[list[int]]) -> list[str]:
         """The answers to tokenized prompts (left-padded into one batch), as text, the end-of-turn token cut."""
         tokenizer = self.data.tokenizer
-        config = self.model.config
-        limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+        limit = positions(self.model.config)
         room = limit - self.model.generation_config.max_new_tokens if limit else None
         if room is not None and room < 1:
             raise UserError(f"task.max_new_tokens={self.model.generation_config.max_new_tokens} leaves no room for "
                             f"a prompt in the model's {limit} positions: lower it.")
         prompts = [ids[-room:] if room else ids for ids in prompts]  # a prompt too long keeps its end
-        width = max(len(ids) for ids in prompts)
-        pad = tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompts], device=self.device)
-        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], device=self.device)
         was_training = self.model.training
         self.model.eval()
-        generator = torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
-        with generator:  # sampling (do_sample) draws nothing from the training's random state
-            torch.manual_seed(0)
-            out = self.model.generate(input_ids=input_ids, attention_mask=mask)
+        # seed 0: sampling (do_sample) draws nothing from the training's random state
+        out = generate_left_padded(self.model, prompts, tokenizer.pad_token_id, seed=0)
         self.model.train(was_training)
-        return [text.strip() for text in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
+        return [text.strip() for text in tokenizer.batch_decode(out, skip_special_tokens=True)]

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 
 from lightning_ft.errors import UserError
-from lightning_ft.tasks.sft.data import CHATML, CHATML_TOKENS, check_conversation
+from lightning_ft.tasks.language_modeling.predict import generate_left_padded
+from lightning_ft.tasks.sft.data import add_chat_markers, check_conversation
 from lightning_ft.tasks.spec import column_option, option
 
 
@@ -59,26 +60,17 @@ def predict_responses(model: Any, tokenizer: Any, rows: list[dict], *, column: s
     prompts = [tokenizer.apply_chat_template(conversation_of(row[column], system_prompt), tokenize=False,
                                              add_generation_prompt=True) for row in rows]
     encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in prompts]
-    width = max(len(ids) for ids in encoded)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=model.device)
-    mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=model.device)
     sampling = {"do_sample": True, "temperature": temperature} if do_sample else {"do_sample": False}
-    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             pad_token_id=pad, **sampling)
-    return [{"response": text.strip()} for text in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
+    out = generate_left_padded(model, encoded, pad, seed, max_new_tokens=max_new_tokens, pad_token_id=pad, **sampling)
+    return [{"response": text.strip()} for text in tokenizer.batch_decode(out, skip_special_tokens=True)]
 
 
 def from_module(module: Any, tokenizer: Any) -> Any:
     """A checkpoint's model, its tokenizer given the chat template (and ChatML markers) the run trained with."""
     if module.chat_template and not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = module.chat_template
-    if tokenizer.chat_template == CHATML:
-        missing = [t for t in CHATML_TOKENS if t not in tokenizer.get_vocab()]
-        if missing:
-            tokenizer.add_tokens(missing, special_tokens=True)
+    add_chat_markers(tokenizer)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return module.model.eval()
