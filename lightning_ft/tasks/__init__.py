@@ -78,8 +78,8 @@ def of_checkpoint_class(class_name: str, hparams: dict[str, Any]) -> TaskSpec | 
 
 def of_export(config: Any, path: Path, wanted: TaskSpec | None = None) -> TaskSpec | None:
     """The task an exported directory holds: ``wanted`` where the model fits it (a causal LM serves clm and sft), else
-    as its ``lightning_ft.json`` names it, else by its config's architecture (a causal LM whose tokenizer has a chat
-    template: sft), else by a file that marks it."""
+    as its ``lightning_ft.json`` names it, else by its config's architecture (where its tokenizer has a chat template, a
+    task declared ``chat`` first: sft before clm), else by a file that marks it."""
     import json
 
     def read(name: str) -> dict:
@@ -96,9 +96,8 @@ def of_export(config: Any, path: Path, wanted: TaskSpec | None = None) -> TaskSp
     if found is not None and found.matches_architecture(config):
         return found
     fitting = [spec for spec in specs() if spec.matches_architecture(config)]
-    chat = bool(read("tokenizer_config.json").get("chat_template")) or (path / "chat_template.jinja").is_file()
-    if chat and any(s.name == "sft" for s in fitting):
-        return next(s for s in fitting if s.name == "sft")
+    if bool(read("tokenizer_config.json").get("chat_template")) or (path / "chat_template.jinja").is_file():
+        fitting.sort(key=lambda spec: not spec.chat)  # a task for chat models first
     if fitting:
         return fitting[0]
     return next((s for s in specs() if s.export_file and (path / s.export_file).is_file()), None)

@@ -64,6 +64,7 @@ class TaskSpec:
     architectures: tuple[str, ...] = ()  # endings of an exported config's architectures (ForTokenClassification)
     encoder_decoder: bool | None = None  # an export must (True) or must not (False) be an encoder-decoder
     export_file: str | None = None  # a file that marks an export of this task (sentence-transformers modules.json)
+    chat: bool = False  # of the tasks an export's architecture fits, this one where its tokenizer has a chat template
     hparams: dict[str, Any] = field(default_factory=dict)  # saved hyper-parameters telling a checkpoint apart (clm/mlm)
     pipeline: str | None = None  # the transformers pipeline task that loads the export
     register_pipeline: Callable[[], None] | None = None  # registers lightning_ft's pipeline where transformers has none

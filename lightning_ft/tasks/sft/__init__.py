@@ -36,6 +36,7 @@ SPEC = TaskSpec(
     auto_class=AutoModelForCausalLM,
     architectures=("ForCausalLM", "LMHeadModel"),
     encoder_decoder=False,
+    chat=True,  # a causal LM with a chat template answers (an instruct model from elsewhere too), else it is clm's
     pipeline="text-generation",
     prediction=Prediction(
         title="instruction tuning (task=sft)", rows=predict_responses, options=RespondOptions, noun="prompts",
