@@ -209,7 +209,7 @@ def test_lightning_fit_loop_combined_loader_reset_makes_fit_restore_the_data_pos
 
     resumed = _position_module(reset=True)
     resumed.loader_class.loaded.clear()
-    _trainer(max_epochs=1).fit(resumed, ckpt_path=checkpoint)
+    _trainer(max_epochs=1, default_root_dir=tmp_path).fit(resumed, ckpt_path=checkpoint)
     assert [state["_num_yielded"] for state in resumed.loader_class.loaded] == [3]
     assert resumed.seen == [3, 4, 5]
 
