@@ -234,12 +234,12 @@ class InstructionData(TaskDataModule):
 
     def check_split(self, split: str, data: Any) -> None:
         kept = []
+        columns = self.required_columns(split)
         for number, row in enumerate(data, start=1):
             if self.format == "messages":
                 problem = check_conversation(row[self.messages_column])
             else:
-                values = {c: row[c] for c in self.required_columns(split)}
-                empty = [c for c, v in values.items() if v is None or (isinstance(v, str) and not v.strip())]
+                empty = [c for c in columns if row[c] is None or (isinstance(row[c], str) and not row[c].strip())]
                 problem = f"column '{empty[0]}' is empty" if empty else None
             if problem:
                 raise UserError(f"row {number} of the {split} split: {problem}: fix or drop the row (a conversation "
