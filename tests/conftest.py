@@ -1,13 +1,18 @@
 """Shared fixtures: offline mode, an isolated datasets cache, tiny models, composing the shipped configs, and the
 real datasets in ../shared/data (tests that read them skip where they are absent; on CI such a skip fails the run)."""
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 # Before anything imports `datasets`/`transformers`: never reach the hub, and keep tokenized caches per test run.
 os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="lft-datasets-"))
+if "HF_DATASETS_CACHE" not in os.environ:
+    # Removed when this process ends: each test run (and each xdist worker) made one of 60 MB and left it in /tmp.
+    os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="lft-datasets-")
+    atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # One core a worker (pytest -n 2 on 2 cores): torch's default of every core per process would oversubscribe them.
