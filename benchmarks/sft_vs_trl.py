@@ -11,6 +11,8 @@ epoch, clipping at 1.0, bf16 autocast, fp32 weights.
 - ``lightning_ft``: ``task=sft backbone=smollm2_gguf dataset=gsm8k peft=lora`` as shipped, i.e. packed rows (best-fit
   decreasing, position ids restarting per example, attention confined to each) because the backbone passes the
   isolation probe; a timed Lightning fit, then the export (adapters merged into a plain HF directory).
+- ``lightning_ft@N``: the same with N packed rows a step (``dataset.batch_size=N``): a packed row of 512 tokens holds
+  about two GSM8K examples, so ``lightning_ft@4`` takes about as many examples a step, and as many steps, as ``trl``.
 - ``trl``: ``SFTTrainer`` as TRL ships it: conversational prompt/completion rows (completion-only loss), dynamic
   padding, and its default ``gradient_checkpointing=True``.
 - ``trl_packing``: TRL at its fastest on this CPU: ``packing=True`` (best-fit decreasing, which turns padding-free on:
@@ -85,11 +87,11 @@ def load_untuned():
     return model, tokenizer
 
 
-def train_lightning_ft(args, folder: Path, out: Path) -> dict:
+def train_lightning_ft(args, folder: Path, out: Path, rows_per_step: int) -> dict:
     overrides = ["task=sft", "backbone=smollm2_gguf", "dataset=gsm8k", f"dataset.data_dir={folder}",
                  "dataset.val_fraction=null", "peft=lora", f"peft.r={LORA['r']}", f"peft.alpha={LORA['alpha']}",
                  f"peft.dropout={LORA['dropout']}", f"dataset.max_length={args.max_length}",
-                 f"dataset.batch_size={args.batch}", f"optim.lr={args.lr}", "optim.weight_decay=0.0",
+                 f"dataset.batch_size={rows_per_step}", f"optim.lr={args.lr}", "optim.weight_decay=0.0",
                  "scheduler=linear", "scheduler.warmup_ratio=0.0"]
     module, datamodule = lightning_ft_module(overrides, seed=args.seed)
     timer = lightning_timer()
@@ -98,7 +100,7 @@ def train_lightning_ft(args, folder: Path, out: Path) -> dict:
     train = datamodule.datasets["train"]
     module.export(out, datamodule.tokenizer)
     return {"seconds": timer.seconds, "tokens": sum(map(len, train["input_ids"])), "examples": len(train),
-            "steps": module.trainer.global_step, "rows_per_step": args.batch, "packed": datamodule.packs,
+            "steps": module.trainer.global_step, "rows_per_step": rows_per_step, "packed": datamodule.packs,
             "peak_rss_mib": rss}
 
 
@@ -198,8 +200,9 @@ def worker(args) -> None:
     if args.worker == "untuned":
         model, tokenizer = load_untuned()
     else:
-        if args.worker == "lightning_ft":
-            result = train_lightning_ft(args, folder, out)
+        if args.worker.startswith("lightning_ft"):
+            rows_per_step = int(args.worker.split("@")[1]) if "@" in args.worker else args.batch
+            result = train_lightning_ft(args, folder, out, rows_per_step)
         else:
             result = train_trl(args, folder, out, packing=args.worker == "trl_packing")
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -225,6 +228,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    parser.add_argument("--reuse", help="an earlier run's folder: its sides' results are kept, only the others run")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -232,27 +236,36 @@ def main() -> None:
         return worker(args)
     if not SHARED.is_dir():
         sys.exit(f"needs GSM8K in {SHARED} (train.jsonl, test.jsonl: github.com/openai/grade-school-math)")
-    folder = Path(tempfile.mkdtemp(prefix="sft_bench_"))
-    write_data(folder, args.train_rows, args.test_rows)
+    folder = Path(args.reuse) if args.reuse else Path(tempfile.mkdtemp(prefix="sft_bench_"))
+    if not args.reuse:
+        write_data(folder, args.train_rows, args.test_rows)
     print(f"run folder: {folder}", flush=True)
-    results = {}
+    results, reused = {}, []
     for side in args.sides.split(","):
-        started = time.perf_counter()
-        subprocess.run([sys.executable, __file__, *sys.argv[1:], "--worker", side, "--folder", str(folder)], check=True)
+        if not (folder / f"{side}.json").is_file():
+            started = time.perf_counter()
+            subprocess.run([sys.executable, __file__, *sys.argv[1:], "--worker", side, "--folder", str(folder)],
+                           check=True)
+            print(side, f"{time.perf_counter() - started:.0f} s", flush=True)
+        else:
+            reused.append(side)
         results[side] = json.loads((folder / f"{side}.json").read_text())
-        print(side, f"{time.perf_counter() - started:.0f} s", json.dumps(results[side]), flush=True)
+        print(side, json.dumps(results[side]), flush=True)
     trained = [s for s in results if "seconds" in results[s]]
     lines = ["| side | test answer-token loss | exact match | in `#### N` form | train tokens/s | vs trl | "
-             "vs trl_packing | train minutes | steps | peak RSS MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "vs trl_packing | train minutes | steps x rows a step | peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     rates = {s: results[s]["tokens"] / results[s]["seconds"] for s in trained}
     for side, r in results.items():
         rate = rates.get(side)
         versus = [f"{rate / rates[peer]:.2f}" if rate and peer in rates else "" for peer in ("trl", "trl_packing")]
         minutes = f"{r['seconds'] / 60:.1f}" if rate else ""
+        kind = "packed rows" if r.get("packed") else "examples"
+        steps = f"{r['steps']} x {r['rows_per_step']} {kind}" if rate else ""
         lines.append(
             f"| {side} | {r['test_loss']:.4f} | {r['exact_match']:.3f} ({r['correct']}/{r['problems']}) | "
             f"{r['answered_in_format']}/{r['problems']} | {f'{rate:.0f}' if rate else ''} | {versus[0]} | "
-            f"{versus[1]} | {minutes} | {r.get('steps', '')} | {r.get('peak_rss_mib', 0):.0f} |")
+            f"{versus[1]} | {minutes} | {steps} | {r.get('peak_rss_mib', 0):.0f} |")
     tokens = {s: results[s]["tokens"] for s in trained}
     command = "python benchmarks/sft_vs_trl.py " + " ".join(sys.argv[1:])
     import trl
@@ -264,7 +277,9 @@ def main() -> None:
         f"{Path(__file__).name} docstring: what each side does. {args.train_rows} training problems, one epoch, "
         f"batch {args.batch}, lr {args.lr}, max length {args.max_length}, seed {args.seed}; scored on the first "
         f"{args.test_rows} GSM8K test problems (greedy, {args.max_new_tokens} new tokens at most). Sides ran one "
-        f"after another in this order, nothing else on the machine. Real training tokens per side: {tokens}.",
+        f"after another in this order, nothing else on the machine"
+        f"{f' (results of {reused} kept from the earlier run in {folder})' if reused else ''}. Real training tokens "
+        f"per side: {tokens}.",
         "",
         *lines,
         "",
