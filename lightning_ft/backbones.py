@@ -66,6 +66,21 @@ def _gguf(name: str | None, gguf_file: str | None) -> dict[str, str]:
     return {"gguf_file": gguf_file}
 
 
+def check_available(name: str | None) -> None:
+    """Offline, refuse a ``backbone.name`` that is no local directory, no offline package and not in the hub's
+    cache, before any library is imported (loading it would fail the same way, ten seconds later)."""
+    if not name or not _offline() or Path(name).expanduser().is_dir() or name in OFFLINE_PACKAGES:
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(name, "config.json")
+    except ValueError as err:  # not even a valid hub name
+        raise _not_found("backbone.name", name, err) from err
+    if not isinstance(cached, str):
+        raise _not_found("backbone.name", name, FileNotFoundError("no config.json in the hub cache"))
+
+
 def load_tokenizer(name: str | None = None, tokenizer: str | None = None, gguf_file: str | None = None, **_: Any):
     """The fast tokenizer of ``tokenizer`` (or of ``name``, and its GGUF file, when ``tokenizer`` is not given)."""
     from transformers import AutoTokenizer

@@ -139,6 +139,10 @@ def check_values(cfg: DictConfig) -> None:
             raise UserError(f"{key}={value} is below {smallest:g} ({meaning}): give {smallest:g} or more.")
         if key == "optim.lr" and value <= 0:
             raise UserError(f"optim.lr={value} trains nothing: give a positive learning rate, e.g. optim.lr=5e-5.")
+    check_data_dir(OmegaConf.select(cfg, "dataset.data_dir"))
+    from lightning_ft.backbones import check_available
+
+    check_available(OmegaConf.select(cfg, "backbone.name"))
     if cfg.get("monitor_mode") not in (None, "min", "max"):
         raise UserError(f"monitor_mode={cfg.monitor_mode} is not min or max: give monitor_mode=max (accuracy, F1) "
                         "or min (loss), or leave it out for the task's own.")
@@ -158,6 +162,14 @@ def check_values(cfg: DictConfig) -> None:
         hint = f" (did you mean {close[0]}?)" if close else ""
         raise UserError(f"'{unknown[0]}' is not a key lightning_ft reads{hint}: drop +{unknown[0]}=..., or set one "
                         "of the config's keys (python -m lightning_ft.train --cfg job lists them).")
+
+
+def check_data_dir(data_dir: str | None) -> None:
+    """Refuse a ``dataset.data_dir`` that is not a folder (here before torch is even imported: the answer comes in
+    half a second, not after the ten it takes to load the libraries)."""
+    if data_dir and not Path(data_dir).expanduser().is_dir():
+        raise UserError(f"dataset.data_dir '{data_dir}' does not exist (resolved to "
+                        f"{Path(data_dir).expanduser().resolve()}): fix the path.")
 
 
 def checkpoint_to_use(cfg: DictConfig, run_dir: Path) -> tuple[str | None, dict[str, Any] | None]:

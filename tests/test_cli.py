@@ -34,7 +34,7 @@ def test_bad_data_path_is_one_sentence_without_traceback(tmp_path):
 def test_unknown_backbone_offline_is_one_sentence(tmp_path):
     result = run_cli(["backbone.name=no-such-org/no-such-model", "debug=fast_dev_run"], tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "backbone tokenizer 'no-such-org/no-such-model' is neither a local directory" in result.stderr
+    assert "backbone.name 'no-such-org/no-such-model' is neither a local directory" in result.stderr
 
 
 @pytest.mark.slow

@@ -73,7 +73,7 @@ def test_ner_with_minilm_learns_conll_entities_and_its_export_tags_like_the_modu
 
     conll = SHARED / "conll2003"
     result = run_cli(["task=ner", "dataset=conll2003", f"dataset.data_dir={conll}", "dataset.label_all_tokens=true",
-                      "+dataset.max_train_examples=2000", "+dataset.max_eval_examples=500", "dataset.batch_size=16",
+                      "dataset.max_train_examples=2000", "dataset.max_eval_examples=500", "dataset.batch_size=16",
                       "dataset.group_by_length=true", "trainer.max_epochs=1"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = [p.parent for p in (tmp_path / "outputs" / "ner").glob("*/metrics.json")]

@@ -320,7 +320,7 @@ def test_a_gguf_causal_lm_fine_tunes_and_exports_a_standard_hf_directory(tmp_pat
     tokenizer = load_tokenizer(tokenizer=str(export))
     ids = tokenizer("ROMEO: But soft, what light", return_tensors="pt").input_ids
     # The export is the checkpoint's weights (compared directly: rebuilding the module would dequantise the GGUF again).
-    trained = torch.load(metrics["best_model_path"], map_location="cpu", weights_only=False)["state_dict"]
+    trained = torch.load(metrics["best_model_path"], map_location="cpu", weights_only=True)["state_dict"]
     exported = model.state_dict()
     shared = [key for key in trained if key.removeprefix("model.") in exported]
     assert len(shared) == len(exported) > 200

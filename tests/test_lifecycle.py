@@ -53,7 +53,7 @@ def batches(run_dir: Path) -> list[list[tuple[int, str]]]:
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
 
 
 def signal_at(step: int, name: str) -> list[str]:
@@ -166,7 +166,7 @@ def test_a_corrupt_or_foreign_checkpoint_given_explicitly_is_one_clear_sentence(
     with pytest.raises(UserError, match="written by TextClassificationTask but this run is TokenClassificationTask"):
         train_run(other_task)
     # the same task on another backbone: named; another head size: the weights that do not fit are named
-    foreign = torch.load(last, weights_only=False)
+    foreign = torch.load(last, weights_only=True)
     foreign["lightning_ft"]["backbone"]["name"] = "bert-base-cased"
     torch.save(foreign, tmp_path / "foreign.ckpt")
     with pytest.raises(UserError, match="trained from backbone 'bert-base-cased' but this run builds"):

@@ -26,7 +26,7 @@ def _old_checkpoint(tmp_path: Path) -> Path:
 
 
 def test_the_fixture_is_what_its_readme_says():
-    checkpoint = torch.load(OLD_CHECKPOINT, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(OLD_CHECKPOINT, map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 5 and checkpoint["epoch"] == 0
     assert checkpoint["lightning_ft"]["task"] == "lightning_ft.tasks.text_classification.TextClassificationTask"
     assert checkpoint["lightning_ft"]["backbone"]["name"] == "sentence-transformers/all-MiniLM-L6-v2"
@@ -49,7 +49,7 @@ def test_an_old_checkpoint_still_resumes_training(tmp_path):
     from lightning_ft.train import train
 
     given = _old_checkpoint(tmp_path)
-    old = torch.load(given, map_location="cpu", weights_only=False)
+    old = torch.load(given, map_location="cpu", weights_only=True)
     run_dir = tmp_path / "resumed"
     run_dir.mkdir()
     overrides = [*QUICK, *WIDTH, f"ckpt_path={given}", "trainer.max_epochs=2", "test=false", "export=false",
@@ -60,7 +60,7 @@ def test_an_old_checkpoint_still_resumes_training(tmp_path):
     # the second epoch's 5 steps, and only those: training continued from step 5, it did not start again
     steps = [json.loads(line)["step"] for line in (run_dir / "batches.jsonl").read_text().splitlines()]
     assert steps == [6, 7, 8, 9, 10]
-    last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == 10 > old["global_step"]
     assert last["epoch"] == 1
     # the optimizer carried on from the old state (AdamW's step count), and the run's record kept the old history

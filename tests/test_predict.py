@@ -468,7 +468,7 @@ def test_a_checkpoint_of_another_task_or_backbone(checkpoint, existing, tmp_path
     err = _fails(capsys, existing, f"ckpt_path={checkpoint}", "task=qa", f"input={source}", f"output={existing}")
     assert "holds a text classification (task=text_classification) model, not task=qa" in err
     # the backbone it names now builds another model (e.g. its directory was replaced): said before any prediction
-    saved = torch.load(checkpoint, weights_only=False)
+    saved = torch.load(checkpoint, weights_only=True)
     saved["hyper_parameters"]["backbone"]["config_overrides"]["hidden_size"] = 64
     torch.save(saved, tmp_path / "other_backbone.ckpt")
     err = _fails(capsys, existing, f"ckpt_path={tmp_path / 'other_backbone.ckpt'}", f"input={source}",

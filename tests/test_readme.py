@@ -182,7 +182,7 @@ def test_readme_train_command_runs(command, tmp_path, placeholders):
     if "task=sft" in args:
         args += [a for a in TINY_SFT[1:] if a.split("=")[0] not in " ".join(args)]
     if real:
-        args += ["+dataset.max_train_examples=300", "+dataset.max_eval_examples=100"]
+        args += ["dataset.max_train_examples=300", "dataset.max_eval_examples=100"]
         if "task=ner" in args:  # 300 training sentences lack some rare POS tags of the validation split
             args.append("dataset.unseen_tags=add")
     if "-m" in args:  # a sweep needs Hydra's launcher: the real command line

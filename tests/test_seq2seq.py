@@ -257,7 +257,7 @@ def test_a_translation_run_exports_a_model_the_pipeline_reproduces(tmp_path):
     import lightning_ft.seq2seq_pipeline  # noqa: F401  (registers the pipelines transformers 5 removed)
 
     cfg = compose_config(["task=translation", *QUICK_T5, "trainer.precision=32-true",
-                          "+dataset.max_eval_examples=24", "trainer.limit_test_batches=null"], tmp_path)
+                          "dataset.max_eval_examples=24", "trainer.limit_test_batches=null"], tmp_path)
     train(cfg)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert {"test/bleu", "test/chrf", "test/gen_len", "test/loss"} <= set(metrics["test"])
@@ -296,7 +296,7 @@ def test_a_bert_backbone_for_translation_fails_before_training(tmp_path):
 
 def test_a_checkpoint_is_tested_with_the_tokenizer_its_model_was_trained_with(tmp_path):
     # Unigram training is not deterministic: a new run must not train a new tokenizer for an old model.
-    settings = ["task=translation", *QUICK_T5, "+dataset.max_eval_examples=16"]
+    settings = ["task=translation", *QUICK_T5, "dataset.max_eval_examples=16"]
     first, second = tmp_path / "first", tmp_path / "second"
     train(compose_config(settings, first))
     metrics = json.loads((first / "metrics.json").read_text())

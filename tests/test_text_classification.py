@@ -212,7 +212,7 @@ def test_train_run_dir_holds_config_checkpoints_metrics_and_export(tmp_path):
     assert exported["id2label"] == {"0": "negative", "1": "positive"}
 
     # The checkpoint holds no tokenizer: it is rebuilt from the backbone, never pickled.
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert not any(isinstance(obj, PreTrainedTokenizerBase) for obj in walk(ckpt))
     assert "datamodule_hyper_parameters" not in ckpt
     # And the module can be rebuilt from the checkpoint alone.
@@ -224,11 +224,11 @@ def test_ckpt_path_resumes_training(tmp_path):
     first = compose_config([*QUICK, "trainer.max_epochs=1", "test=false", "export=false"], tmp_path / "a")
     train(first)
     last = tmp_path / "a" / "checkpoints" / "last.ckpt"
-    steps_one_epoch = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    steps_one_epoch = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
     second = compose_config([*QUICK, "trainer.max_epochs=3", "test=false", "export=false", f"ckpt_path={last}"],
                             tmp_path / "b")
     train(second)
-    resumed = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    resumed = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert resumed["epoch"] == 2 and resumed["global_step"] == 3 * steps_one_epoch
 
 

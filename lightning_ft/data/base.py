@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lightning_ft.errors import UserError
+from lightning_ft.plan import check_data_dir
 
 log = logging.getLogger(__name__)
 
@@ -375,11 +376,8 @@ class TaskDataModule(pl.LightningDataModule):
     def _local_files(self) -> dict[str, list[Path]]:
         if not self.data_dir and not self.data_files:
             raise UserError(NO_SOURCE)
+        check_data_dir(self.data_dir)
         root = Path(self.data_dir).expanduser() if self.data_dir else Path(".")
-        if self.data_dir and not root.is_dir():
-            raise UserError(
-                f"dataset.data_dir '{self.data_dir}' does not exist (resolved to {root.resolve()}): fix the path."
-            )
         files = self.data_files
         if not files:  # discover train/validation/test files in data_dir
             files = self._discover(root)
