@@ -20,15 +20,19 @@ from lightning_ft.errors import UserError
 
 DATA_READY = ".data_ready"  # rank 0 writes it in the run directory once the tokenizer and the tokenized cache exist
 # What Lightning's launcher puts in the environment of rank 0 when it starts ranks 1..N-1 itself.
+RANK_KEYS = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")  # the first one set is the rank
 LAUNCHER_ENV = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def launch_rank() -> int:
     """This process's global rank as its launcher set it (Lightning's rule: RANK, LOCAL_RANK, SLURM_PROCID), known
     before any Trainer exists: ranks > 0 write nothing to the run directory."""
-    from lightning_fabric.utilities.rank_zero import rank_zero_only
-
-    return int(getattr(rank_zero_only, "rank", 0) or 0)
+    rank_zero = sys.modules.get("lightning_fabric.utilities.rank_zero")
+    if rank_zero is not None:  # Lightning is loaded: the rank it holds (it may have been set since)
+        return int(getattr(rank_zero.rank_zero_only, "rank", 0) or 0)
+    # Lightning's rule (lightning_fabric.utilities.rank_zero._get_rank; tests/test_distributed.py pins that the two
+    # agree), read without importing Lightning, which takes 6 s: a config error answers before it.
+    return next((int(os.environ[key]) for key in RANK_KEYS if os.environ.get(key) is not None), 0)
 
 
 def _launch_id() -> str:

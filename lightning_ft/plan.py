@@ -79,11 +79,10 @@ def with_values(cfg: DictConfig, **values: Any) -> DictConfig:
 def plan_run(cfg: DictConfig, command: list[str] | None = None, rank: int = 0) -> tuple[RunPlan, dict | None]:
     """The run's plan, and the contents of the checkpoint it resumes or evaluates (read once, memory-mapped), or a
     UserError naming the setting at fault. Nothing is written."""
+    check_values(cfg)  # first: it needs no library, so a config error answers at once
+    from lightning_ft import peft
     from lightning_ft.rundir import settle_run_dir
     from lightning_ft.throughput import resolve_precision
-
-    check_values(cfg)
-    from lightning_ft import peft
 
     peft.check(OmegaConf.to_container(cfg.peft, resolve=True) if cfg.get("peft") else None,
                OmegaConf.to_container(cfg.backbone, resolve=True))  # before any data or model work

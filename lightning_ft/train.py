@@ -273,10 +273,7 @@ register_resolvers()
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from pytorch_lightning.utilities.exceptions import SIGTERMException
-
     from lightning_ft.launch import end_distributed_job, job_run_dir, launcher_environment, pin_job_command
-    from lightning_ft.lifecycle import Preempted
     from lightning_ft.plan import with_values
 
     run_dir, multirun = job_run_dir(cfg)
@@ -287,14 +284,21 @@ def main(cfg: DictConfig) -> float | None:
     launcher_env = launcher_environment()
     try:
         return train(cfg, command)
-    except Preempted as stop:
-        log.warning("%s", stop)
-        sys.exit(128 + stop.signum)
-    except SIGTERMException:  # the checkpoint was written at the end of the step (or, during validation, before)
-        log.warning("stopped on SIGTERM; resume=auto continues from the newest checkpoint in %s.",
-                    Path(run_dir) / "checkpoints")
-        sys.exit(128 + 15)
-    except Exception as err:
+    except (Exception, SystemExit) as err:
+        # Lightning and lifecycle are imported only once the config has passed its checks (an error before that
+        # answers in half a second): where they are not loaded, err is neither of their stops.
+        lifecycle = sys.modules.get("lightning_ft.lifecycle")
+        exceptions = sys.modules.get("pytorch_lightning.utilities.exceptions")
+        if lifecycle is not None and isinstance(err, lifecycle.Preempted):
+            log.warning("%s", err)
+            sys.exit(128 + err.signum)
+        if exceptions is not None and isinstance(err, exceptions.SIGTERMException):
+            # the checkpoint was written at the end of the step (or, during validation, before)
+            log.warning("stopped on SIGTERM; resume=auto continues from the newest checkpoint in %s.",
+                        Path(run_dir) / "checkpoints")
+            sys.exit(128 + 15)
+        if isinstance(err, SystemExit):
+            raise
         if not multirun:
             if isinstance(err, UserError):
                 log.error("%s", err)

@@ -79,3 +79,22 @@ def test_a_rank_started_beside_rank_zero_waits_for_this_launch_s_data(tmp_path, 
     monkeypatch.setenv("SLURM_RESTART_COUNT", "2")  # rank 0 of this launch never gets there
     with pytest.raises(UserError, match="waited 1 s for rank 0 to prepare the data"):
         wait_for_rank_zero_data(tmp_path, timeout_s=1)
+
+
+@pytest.mark.parametrize("env", [{}, {"SLURM_PROCID": "3"}, {"LOCAL_RANK": "1", "SLURM_PROCID": "3"},
+                                 {"RANK": "2", "LOCAL_RANK": "0"}, {"JSM_NAMESPACE_RANK": "5"}])
+def test_the_launch_rank_read_before_lightning_is_lightnings_rank(env, monkeypatch):
+    """launch_rank reads the rank without importing Lightning, by Lightning's own rule (a private function of
+    lightning_fabric, pinned here)."""
+    import sys
+
+    from lightning_fabric.utilities.rank_zero import _get_rank
+
+    from lightning_ft.launch import launch_rank
+
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delitem(sys.modules, "lightning_fabric.utilities.rank_zero")  # as in a process that has not loaded it
+    assert launch_rank() == (_get_rank() or 0)
