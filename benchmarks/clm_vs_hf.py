@@ -23,11 +23,9 @@ timed training.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -38,10 +36,10 @@ import torch  # noqa: E402
 from common import (  # noqa: E402
     ROOT,
     append_report,
-    environment,
     hf_timer,
     lightning_ft_module,
     lightning_timer,
+    report_heading,
     timed_trainer,  # noqa: E402
 )
 
@@ -200,12 +198,8 @@ def main() -> None:
                          f"{rate / base:.2f} | {r['seconds'] / 60:.1f} | {r['steps']} | "
                          f"{r['train_blocks']:,} / {r['eval_blocks']:,} |")
         lines.append(f"| {name} | | identical evaluation blocks on both sides: {same} | | | | | | |")
-    command = "python benchmarks/clm_vs_hf.py " + " ".join(sys.argv[1:])
     report = "\n".join([
-        f"\n## Causal-LM pretraining from scratch (small GPT-2) vs HF run_clm on the Trainer "
-        f"({datetime.date.today()})\n",
-        f"Command: `{command.strip()}`  ",
-        f"Machine: {environment()}  ",
+        *report_heading("Causal-LM pretraining from scratch (small GPT-2) vs HF run_clm on the Trainer", __file__),
         f"{Path(__file__).name} docstring: what each side does. Per corpus HF ran first, then lightning_ft, "
         f"seed {args.seed}.",
         "",

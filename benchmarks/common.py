@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -109,6 +111,14 @@ def hf_timer(counts: dict | None = None):
             self.counts = dict(counts or {})
 
     return Timer()
+
+
+def report_heading(title: str, script: str, machine_extra: str = "") -> list[str]:
+    """A RESULTS.md section's first lines: ``title`` with today's date, the command that ran (``script``, this
+    benchmark's file, with its arguments) and the machine (``machine_extra`` appended, e.g. a peer's version)."""
+    command = f"python benchmarks/{Path(script).name} {' '.join(sys.argv[1:])}".strip()
+    return [f"\n## {title} ({datetime.date.today()})\n", f"Command: `{command}`  ",
+            f"Machine: {environment()}{machine_extra}  "]
 
 
 def append_report(path: str, report: str) -> None:

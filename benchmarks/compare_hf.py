@@ -14,10 +14,8 @@ from train start to train end with no evaluation inside; then both are scored on
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
@@ -30,10 +28,10 @@ from common import (  # noqa: E402
     MINILM,
     ROOT,
     append_report,
-    environment,
     hf_timer,
     lightning_ft_module,
     lightning_timer,
+    report_heading,
     timed_trainer,
 )
 
@@ -256,11 +254,8 @@ def main() -> None:
             "|---|---|---|---|---|---|---|---|---|---|",
             *table,
         ]))
-    command = "python benchmarks/compare_hf.py " + " ".join(sys.argv[1:])
     report = "\n".join([
-        f"\n## lightning_ft vs Hugging Face Trainer, MiniLM-L6, shipped defaults ({datetime.date.today()})\n",
-        f"Command: `{command.strip()}`  ",
-        f"Machine: {environment()}  ",
+        *report_heading("lightning_ft vs Hugging Face Trainer, MiniLM-L6, shipped defaults", __file__),
         f"Ratio: train samples/s over {sides[0]}'s. {Path(__file__).name} docstring: what each side does.",
         *sections,
         "",

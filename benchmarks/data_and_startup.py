@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -24,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, append_report, environment
+from common import ROOT, append_report, report_heading
 
 DATA = ROOT.parent / "shared" / "data"
 DATASETS = {
@@ -130,11 +129,9 @@ def main() -> None:
     padding = [row for name, overrides in DATASETS.items() for row in padding_table(name, overrides)]
     cache = [row for name, overrides in DATASETS.items() for row in cache_rows(name, overrides)]
     startup = startup_rows(args.repeats)
-    command = "python benchmarks/data_and_startup.py " + " ".join(sys.argv[1:])
     report = "\n".join([
-        f"\n## Padding, tokenized cache and start-up ({datetime.date.today()})\n",
-        f"Command: `{command.strip()}`  ",
-        f"Machine: {environment()}\n",
+        *report_heading("Padding, tokenized cache and start-up", __file__),
+        "",
         "Padding over one full training epoch, batch 32, max length 128 (MiniLM's tokenizer):\n",
         "| data | batching | pad_to_multiple_of | batches | real tokens | padded positions | padding |",
         "|---|---|---|---|---|---|---|",

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
 import json
 import os
 import re
@@ -39,7 +38,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import MINILM, ROOT, append_report, environment, hf_timer, lightning_ft_module, lightning_timer  # noqa: E402
+from common import (  # noqa: E402
+    MINILM,
+    ROOT,
+    append_report,
+    hf_timer,
+    lightning_ft_module,
+    lightning_timer,
+    report_heading,
+)
 
 DATA = ROOT.parent / "shared" / "data"
 SQUAD = DATA / "squad_v1.1" / "dev-v1.1.json"
@@ -485,12 +492,8 @@ def main() -> None:
             *[f"| {side} | {r['accuracy']:.4f} | {r['samples'] / r['seconds']:.1f} | "
               f"{r['samples'] / r['seconds'] / base:.2f} |" for side, r in obqa.items()],
         ]
-    command = "python benchmarks/qa_vs_hf.py " + " ".join(sys.argv[1:])
     report = "\n".join([
-        f"\n## Extractive QA (SQuAD v1.1 split by article) and OpenBookQA vs the HF examples "
-        f"({datetime.date.today()})\n",
-        f"Command: `{command.strip()}`  ",
-        f"Machine: {environment()}  ",
+        *report_heading("Extractive QA (SQuAD v1.1 split by article) and OpenBookQA vs the HF examples", __file__),
         f"Precision: {precision}. {Path(__file__).name} docstring: what each side does."
         + (f" Training figures and models: the earlier run in {folder} (--reuse)." if args.reuse else ""),
         *lines,

@@ -24,11 +24,9 @@ reference text. Train throughput: pairs/s and real (non-padding) source+target t
 from __future__ import annotations
 
 import argparse
-import datetime
 import gzip
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,7 +36,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import sacrebleu  # noqa: E402
 import torch  # noqa: E402
-from common import ROOT, append_report, environment, hf_timer, lightning_ft_module, lightning_timer  # noqa: E402
+from common import ROOT, append_report, hf_timer, lightning_ft_module, lightning_timer, report_heading  # noqa: E402
 
 MULTI30K = ROOT.parent / "shared" / "data" / "multi30k"
 SPLITS = {"train": "train", "validation": "val", "test": "test_2016_flickr"}
@@ -257,12 +255,8 @@ def main() -> None:
                  f"\"{hf_generation['sample']['prediction']}\"; lightning_ft "
                  f"\"{ours['bf16-mixed']['sample']['prediction']}\"; reference "
                  f"\"{hf_generation['sample']['references'][0]}\".")
-    command = "python benchmarks/seq2seq_vs_hf.py " + " ".join(sys.argv[1:])
     report = "\n".join([
-        f"\n## Translation from scratch (Multi30k de->en, small T5) vs the HF Seq2SeqTrainer "
-        f"({datetime.date.today()})\n",
-        f"Command: `{command.strip()}`  ",
-        f"Machine: {environment()}  ",
+        *report_heading("Translation from scratch (Multi30k de->en, small T5) vs the HF Seq2SeqTrainer", __file__),
         f"{Path(__file__).name} docstring: what each side does. HF ran first, then lightning_ft, seed {args.seed}.",
         *lines,
         "",

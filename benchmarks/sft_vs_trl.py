@@ -28,7 +28,6 @@ tokens / seconds of the timed training; peak resident memory of the side's proce
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import resource
@@ -42,7 +41,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from common import ROOT, append_report, environment, lightning_ft_module, lightning_timer, timed_trainer  # noqa: E402
+from common import (  # noqa: E402
+    ROOT,
+    append_report,
+    lightning_ft_module,
+    lightning_timer,
+    report_heading,
+    timed_trainer,
+)
 
 SHARED = ROOT.parent / "shared" / "data" / "gsm8k"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -267,13 +273,11 @@ def main() -> None:
             f"{r['answered_in_format']}/{r['problems']} | {f'{rate:.0f}' if rate else ''} | {versus[0]} | "
             f"{versus[1]} | {minutes} | {steps} | {r.get('peak_rss_mib', 0):.0f} |")
     tokens = {s: results[s]["tokens"] for s in trained}
-    command = "python benchmarks/sft_vs_trl.py " + " ".join(sys.argv[1:])
     import trl
 
     report = "\n".join([
-        f"\n## Instruction tuning (SmolLM2-135M-Instruct, LoRA, GSM8K) vs TRL SFTTrainer ({datetime.date.today()})\n",
-        f"Command: `{command.strip()}`  ",
-        f"Machine: {environment()}; trl {trl.__version__}  ",
+        *report_heading("Instruction tuning (SmolLM2-135M-Instruct, LoRA, GSM8K) vs TRL SFTTrainer", __file__,
+                        f"; trl {trl.__version__}"),
         f"{Path(__file__).name} docstring: what each side does. {args.train_rows} training problems, one epoch, "
         f"batch {args.batch}, lr {args.lr}, max length {args.max_length}, seed {args.seed}; scored on the first "
         f"{args.test_rows} GSM8K test problems (greedy, {args.max_new_tokens} new tokens at most). Sides ran one "

@@ -15,10 +15,8 @@
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import statistics
-import sys
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -29,10 +27,10 @@ from common import (  # noqa: E402
     MINILM,
     ROOT,
     append_report,
-    environment,
     hf_timer,
     lightning_ft_module,
     lightning_timer,
+    report_heading,
     timed_trainer,
 )
 
@@ -159,11 +157,8 @@ def main() -> None:
         rows.append(f"| {name} | {rate(name):.1f} | **{rate(name) / base:.3f}** | "
                     f"{statistics.median(r['seconds'] for r in results) / 60:.1f} | {spearmans} |")
     own = [f"{r['own_metric']:.4f}" for name in runs if name.startswith("lightning_ft") for r in runs[name]]
-    command = "python benchmarks/stsb_biencoder_vs_sentence_transformers.py " + " ".join(sys.argv[1:])
     report = "\n".join([
-        f"\n## STS-B bi-encoder, MiniLM-L6: lightning_ft vs sentence-transformers' trainer ({datetime.date.today()})\n",
-        f"Command: `{command.strip()}`  ",
-        f"Machine: {environment()}  ",
+        *report_heading("STS-B bi-encoder, MiniLM-L6: lightning_ft vs sentence-transformers' trainer", __file__),
         f"Work: {args.epochs} epochs over {'the first ' + str(args.train_limit) if args.train_limit else 'all 5,749'} "
         f"STS-B train pairs, cosine loss (MSE of cosine to score/5), batch {BATCH}, max length {MAX_LEN}, lr {LR}, "
         f"weight decay {WEIGHT_DECAY}, {WARMUP:.0%} linear warmup then linear decay, clip 1.0, fused AdamW, fp32, "
