@@ -298,7 +298,7 @@ def test_predict_answers_prompts_and_conversations_from_the_export_and_the_check
 def test_a_template_that_writes_no_assistant_content_is_refused(tokenizer):
     drops_answers = ("{% for m in messages %}{{ m['role'] }}: {% if m['role'] != 'assistant' %}{{ m['content'] }}"
                      "{% endif %}<|im_end|>{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
-    with pytest.raises(UserError, match="renders no assistant content .*set dataset.chat_template"):
+    with pytest.raises(UserError, match=r"renders no assistant content .*\(set dataset\.chat_template\)"):
         data_for(tokenizer, chat_template=drops_answers)
 
 
