@@ -68,8 +68,12 @@ def lightning_timer():
             self.start = time.perf_counter()
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            self.samples += len(batch["input_ids"])
             self.tokens += batch["input_ids"].numel()
+            if "example_lengths" in batch:  # packed examples (dataset.packing=true): several to a row
+                self.samples += len(batch["example_lengths"])
+                self.real_tokens += int(batch["example_lengths"].sum())
+                return
+            self.samples += len(batch["input_ids"])
             mask = batch.get("attention_mask")  # packed LM blocks have none: every token is real
             self.real_tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 

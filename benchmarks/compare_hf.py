@@ -5,7 +5,8 @@ directory, training rows, epochs, max length 128, batch 32, lr, linear decay wit
 AdamW, precision and 2 threads. Each side runs as its users would run it by default: lightning_ft with its shipped
 dataset configs (length-grouped batches), the HF Trainer with its defaults (shuffled batches; the run_glue.py and
 run_ner.py preprocessing). ``--sides`` adds lightning_ft without length grouping (the HF Trainer's batches) and the
-HF Trainer with its own length grouping (``train_sampling_strategy="group_by_length"``). Train throughput is timed
+HF Trainer with its own length grouping (``train_sampling_strategy="group_by_length"``), and lightning_ft with packed
+batches (``dataset.packing=true``: each batch's examples, a random draw, packed into rows). Train throughput is timed
 from train start to train end with no evaluation inside; then both are scored on the dev split.
 
     python benchmarks/compare_hf.py --task sst2 conll --precision bf16 --repeats 3
@@ -44,11 +45,11 @@ TASKS = {
     "conll": {"lr": 5e-5, "weight_decay": 0.0, "metric": "f1", "rows": 14041,
               "title": "CoNLL-2003 NER, entity-level micro F1 on all 3,250 dev sentences"},
 }
-SIDES = ("hf_trainer", "lightning_ft", "lightning_ft_ungrouped", "hf_trainer_grouped")
+SIDES = ("hf_trainer", "lightning_ft", "lightning_ft_ungrouped", "lightning_ft_packed", "hf_trainer_grouped")
 
 
 def lightning_ft_run(task: str, epochs: int, train_rows: int | None, precision: str, seed: int,
-                     grouped: bool = True) -> dict:
+                     grouped: bool = True, packed: bool = False) -> dict:
     from lightning_ft.throughput import ThroughputMonitor
 
     spec = TASKS[task]
@@ -58,8 +59,10 @@ def lightning_ft_run(task: str, epochs: int, train_rows: int | None, precision: 
                  f"optim.weight_decay={spec['weight_decay']}", "scheduler.warmup_ratio=0.0"]
     if not grouped:
         overrides.append("dataset.group_by_length=false")
+    if packed:
+        overrides.append("dataset.packing=true")
     if train_rows:
-        overrides.append(f"+dataset.max_train_examples={train_rows}")
+        overrides.append(f"dataset.max_train_examples={train_rows}")
     module, datamodule = lightning_ft_module(overrides, seed)
     import pytorch_lightning as pl
 
@@ -191,7 +194,7 @@ def hf_trainer_run(task: str, epochs: int, train_rows: int | None, precision: st
 def run(side: str, *args, **kwargs) -> dict:
     if side.startswith("hf_trainer"):
         return hf_trainer_run(*args, grouped=side == "hf_trainer_grouped", **kwargs)
-    return lightning_ft_run(*args, grouped=side == "lightning_ft", **kwargs)
+    return lightning_ft_run(*args, grouped=side == "lightning_ft", packed=side == "lightning_ft_packed", **kwargs)
 
 
 def main() -> None:

@@ -155,6 +155,9 @@ def write_report(run_dir: Path, cfg: dict[str, Any], results: dict[str, Any], re
     if speed:
         rows = [("samples/s", f"{speed['samples_per_sec']:.1f}"), ("real tokens/s", f"{speed['tokens_per_sec']:.0f}"),
                 ("padding", f"{speed['padding']:.1%}"), ("waiting for data", f"{speed['data_wait']:.1%}")]
+        if "packing_efficiency" in speed:
+            rows.append(("packed rows", f"{speed['packing_efficiency']:.1%} full, "
+                                        f"{speed['examples_per_row']:.1f} examples a row"))
         if "mfu" in speed:
             rows.append(("MFU", f"{speed['mfu']:.1%}"))
         lines += ["## Throughput", "", *_table(rows, ("measure", "value")), ""]
@@ -272,6 +275,8 @@ def print_summary(results: dict[str, Any], run_dir: Path) -> None:
             f"Training: {speed['samples']:.0f} samples in {speed['train_seconds']:.1f} s, "
             f"{speed['samples_per_sec']:.1f} samples/s, {speed['tokens_per_sec']:.0f} real tokens/s "
             f"({results['precision']}); padding {speed['padding']:.1%}, waiting for data {speed['data_wait']:.1%}"
+            + (f", packed rows {speed['packing_efficiency']:.1%} full ({speed['examples_per_row']:.1f} examples a "
+               "row)" if "packing_efficiency" in speed else "")
             + (f", MFU {speed['mfu']:.1%}" if "mfu" in speed else "")
             + f"; first step {speed['seconds_to_first_step']:.1f} s after start-up."
         )

@@ -73,7 +73,8 @@ class ThroughputMonitor(pl.Callback):
         self.summary: dict[str, float] = {}
 
     def _reset(self) -> dict[str, float]:
-        return dict.fromkeys(("samples", "tokens", "padded_tokens", "flops", "step_seconds", "wait_seconds"), 0.0)
+        return dict.fromkeys(("samples", "tokens", "padded_tokens", "packed_rows", "flops", "step_seconds",
+                              "wait_seconds"), 0.0)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from lightning_fabric.utilities.throughput import get_available_flops
@@ -106,10 +107,14 @@ class ThroughputMonitor(pl.Callback):
         self._step_start = now
         mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None  # BatchEncoding is no dict
         ids = batch["input_ids"]
-        lengths = mask.sum(-1) if mask is not None else torch.full((len(ids),), ids.shape[-1])
+        if "example_lengths" in batch:  # packed rows (lightning_ft.packing): the examples' own lengths
+            lengths = batch["example_lengths"]
+        else:
+            lengths = mask.sum(-1) if mask is not None else torch.full((len(ids),), ids.shape[-1])
         flops = training_flops(*self._shape, lengths.cpu()) if self._peak else 0.0  # only MFU reads it
         for counts in (self.total, self.window):
-            counts["samples"] += len(ids)
+            counts["samples"] += len(lengths)
+            counts["packed_rows"] += len(ids) if "example_lengths" in batch else 0
             counts["tokens"] += float(lengths.sum())
             counts["padded_tokens"] += ids.numel()
             counts["flops"] += flops
@@ -139,6 +144,9 @@ class ThroughputMonitor(pl.Callback):
             "padding": 1 - counts["tokens"] / counts["padded_tokens"],
             "data_wait": counts["wait_seconds"] / seconds,
         }
+        if counts["packed_rows"]:  # rows of several examples: how full they are (the padding is what is left)
+            rates["packing_efficiency"] = counts["tokens"] / counts["padded_tokens"]
+            rates["examples_per_row"] = counts["samples"] / counts["packed_rows"]
         if self._peak:
             rates["mfu"] = counts["flops"] / seconds / (self._peak * world_size)
         return rates

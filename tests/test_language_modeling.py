@@ -177,6 +177,9 @@ def test_isolated_documents_do_not_see_each_other_in_gpt2_and_bert_is_refused(tm
     batch = data.collate([row])
     assert "attention_mask" not in batch
     cut = row["position_ids"].index(0, 4)
+    # The second document's first token is no target: the first document's last token does not learn to predict it.
+    assert batch["labels"][0, cut] == -100
+    assert (batch["labels"][0] == -100).sum() == row["position_ids"].count(0)
     with torch.no_grad():
         packed = task(**batch).logits[0, cut:]
         alone = task(input_ids=batch["input_ids"][:, cut:], labels=batch["labels"][:, cut:]).logits[0]

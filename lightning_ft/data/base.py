@@ -230,6 +230,8 @@ class TaskDataModule(pl.LightningDataModule):
     # Write each row's position in its split as ``row_index``: metrics that must count an example once under DDP
     # (where the sampler repeats rows to even out the ranks) read it.
     keep_row_index: bool = False
+    # The per-token entries a packed batch lays out in rows (``dataset.packing``); None: the task does not pack.
+    packed_token_keys: tuple[str, ...] | None = None
 
     def __init__(
         self,
@@ -252,6 +254,7 @@ class TaskDataModule(pl.LightningDataModule):
         num_workers: int | None = None,
         pad_to_multiple_of: int | None = None,
         group_by_length: bool | None = True,
+        packing: bool = False,
         cache_dir: str | None = None,
         seed: int = 42,
     ) -> None:
@@ -274,6 +277,11 @@ class TaskDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.pad_to_multiple_of = pad_to_multiple_of
         self.group_by_length = bool(group_by_length)  # null (a task that decides for itself, left undecided): off
+        if packing and self.packed_token_keys is None:
+            raise UserError(f"dataset.packing=true is not available for {type(self).__name__} (text classification "
+                            "and NER pack their examples): set dataset.packing=false.")
+        # Packed batches are a random draw of examples like shuffled ones: length grouping does not apply.
+        self.pack_examples = bool(packing)
         self.cache_dir = cache_dir
         self.seed = seed
         self.datasets: dict[str, Any] | None = None
@@ -360,11 +368,18 @@ class TaskDataModule(pl.LightningDataModule):
         """A batch of tokenized rows; a task whose rows carry more than the collator pads overrides this."""
         return self.collator(features)
 
+    def collate_packed(self, features: list[dict]) -> dict:
+        """The padded batch ``collate`` makes, its examples packed into rows of up to ``max_length`` tokens."""
+        from lightning_ft.packing import pack_batch
+
+        return pack_batch(self.collate(features), self.max_length, self.packed_token_keys,
+                          self.tokenizer.pad_token_id or 0, self.pad_to_multiple_of)
+
     # ---- shared by every task ----------------------------------------------------------------------------------
     def model_kwargs(self) -> dict[str, Any]:
         """What the task module is built with: the data is prepared (checked, labels learned, tokenized) first."""
         self._prepare()
-        return self.head_kwargs()
+        return {**self.head_kwargs(), **({"packing": True} if self.pack_examples else {})}
 
     @property
     def collator(self) -> Any:
@@ -621,18 +636,22 @@ class TaskDataModule(pl.LightningDataModule):
             # On a GPU, loading in workers keeps the device fed. On CPU the model needs every core and collating
             # padded batches took under 2% of training time (data_wait in the throughput summary), so no workers.
             workers = min(4, (os.cpu_count() or 1) // max(self.trainer.num_devices, 1)) if on_gpu else 0
+        trainer = getattr(self, "trainer", None)
+        # Evaluation batches are packed on one process only: under DDP a rank drops the rows its sampler repeats
+        # (TaskModule.own_rows), which needs one row per example.
+        packed = self.pack_examples and (split == "train" or trainer is None or trainer.world_size == 1)
+        collate = self.collate_packed if packed else self.collate
         if split != "train":
-            return DataLoader(data, batch_size=self.eval_batch_size, collate_fn=self.collate, num_workers=workers,
+            return DataLoader(data, batch_size=self.eval_batch_size, collate_fn=collate, num_workers=workers,
                               persistent_workers=workers > 0, pin_memory=on_gpu)
         lengths = None
-        if self.group_by_length:
+        if self.group_by_length and not self.pack_examples:
             lengths = pc.list_value_length(data.with_format("arrow")["input_ids"]).to_pylist()
         # A stateful loader over an order that depends only on (seed, epoch): a checkpoint records how many batches
         # of the epoch were read, and a resumed run skips exactly those (trainer.fit with a mid-epoch checkpoint).
         sampler = EpochShuffle(len(data), seed=self.seed, lengths=lengths, batch_size=self.batch_size)
         # A resumed run creates its first iterator before Lightning sets the epoch: start it in the epoch the loop
         # will run (the one in progress, or the next after an end-of-epoch checkpoint).
-        trainer = getattr(self, "trainer", None)
         if trainer is not None:
             sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed)
             sampler.epoch_of = lambda: _epoch_of_next_batch(trainer)
@@ -643,7 +662,7 @@ class TaskDataModule(pl.LightningDataModule):
             # Its own generator: creating an iterator then draws no number from the global one, so the dropout of
             # a run resumed at an epoch start matches an uninterrupted run's.
             generator=torch.Generator().manual_seed(self.seed),
-            collate_fn=self.collate,
+            collate_fn=collate,
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=on_gpu,

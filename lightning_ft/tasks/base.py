@@ -16,6 +16,7 @@ import pytorch_lightning as pl
 import torch
 from torchmetrics import MeanMetric, MetricCollection
 
+from lightning_ft import packing as packed
 from lightning_ft import peft as adapters
 from lightning_ft.backbones import enable_gradient_checkpointing, freeze, load_model
 from lightning_ft.errors import UserError
@@ -91,6 +92,9 @@ class TaskModule(pl.LightningModule):
         peft: ``conf/peft`` (``method: lora``, ``r``, ``alpha``...): adapters on the backbone, the head trained in
             full; None or ``method: none``: every weight trains (unless ``backbone.freeze`` fixes some).
         layer_decay: ``optim.layer_decay``: each layer's learning rate that much smaller than the one above it.
+        packing: from the data (``dataset.packing``): batches come packed (``lightning_ft.packing``); checked here
+            on two examples, packed and alone, so a backbone or head that lets packed examples see one another is
+            refused before any training.
 
     A module whose model trains only in part (``peft``, ``backbone.freeze``) saves only the trainable weights in
     its checkpoints: the frozen ones are rebuilt from the backbone settings (a fresh model's from
@@ -102,6 +106,7 @@ class TaskModule(pl.LightningModule):
     skipped_steps: int = 0
     default_monitor: tuple[str, str] = ("val/loss", "min")
     non_model_keys: tuple[str, ...] = ()  # batch entries the metrics read but the model does not take
+    packed_output = "logits"  # the per-token output that a packed forward hands back one row per example
 
     def __init__(
         self,
@@ -112,6 +117,7 @@ class TaskModule(pl.LightningModule):
         model_config: dict[str, Any] | None = None,
         peft: dict[str, Any] | None = None,
         layer_decay: float | None = None,
+        packing: bool = False,
     ) -> None:
         super().__init__()
         # Saved: the subclass's own arguments, the backbone and peft, enough to rebuild the module from a checkpoint.
@@ -162,6 +168,10 @@ class TaskModule(pl.LightningModule):
         # The evaluation loss as a corpus mean: each batch's mean loss weighted by the elements it averages,
         # summed over ranks. (self.log's mean of batch means changes with the batching and the number of ranks.)
         self.eval_loss = torch.nn.ModuleDict({stage: MeanMetric() for stage in STAGES})
+        self.packing_causal = False  # a packed example's tokens see only those before them (a decoder backbone)
+        self.packing_position_offset = 0  # the first position id of an example (RoBERTa's: its padding id + 1)
+        if packing:
+            self._check_packing()
 
     @property
     def trainable_parameters(self) -> tuple[int, int]:
@@ -191,13 +201,65 @@ class TaskModule(pl.LightningModule):
 
     # ---- steps -------------------------------------------------------------------------------------------------
     def forward(self, **inputs: Any) -> Any:
-        return self.model(**{k: v for k, v in inputs.items() if k not in self.non_model_keys})
+        inputs = {k: v for k, v in inputs.items() if k not in self.non_model_keys}
+        if not packed.is_packed(inputs):
+            return self.model(**inputs)
+        layout = {key: inputs.pop(key) for key in packed.LAYOUT_KEYS}
+        dtype = next(self.model.parameters()).dtype
+        inputs["attention_mask"] = packed.attention_mask(self.model, layout["segment_ids"], self.packing_causal, dtype)
+        if self.packing_position_offset:
+            inputs["position_ids"] = inputs["position_ids"] + self.packing_position_offset
+        return self.packed_forward(inputs, layout)
+
+    def packed_forward(self, inputs: dict[str, torch.Tensor], layout: dict[str, torch.Tensor]) -> Any:
+        """The model on packed rows (``inputs`` carry the 4D mask), its logits back one row per example. This one
+        suits a head that reads every token (its loss, over the same labelled tokens, is the padded batch's); a
+        task whose head reads one token per example overrides it."""
+        outputs = self.model(**inputs)
+        setattr(outputs, self.packed_output, packed.unpack(getattr(outputs, self.packed_output), layout))
+        return outputs
+
+    @torch.no_grad()
+    def _check_packing(self) -> None:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            self.packing_causal = packed.is_causal(self.model)
+            self.packing_position_offset = packed.position_offset(self.model)
+            config = self.model.config
+            special = {getattr(config, k, None) for k in ("pad_token_id", "bos_token_id", "eos_token_id")}
+            ids = [i for i in range(3, 40) if i not in special][:9]
+            examples = [ids[:5], ids[5:]]
+            device = next(self.model.parameters()).device
+            alone = [getattr(self.model(input_ids=torch.tensor([x], device=device)), self.packed_output)[0]
+                     for x in examples]
+            width = max(map(len, examples))
+            batch = {"input_ids": torch.tensor([x + [0] * (width - len(x)) for x in examples]),
+                     "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in examples])}
+            rows = packed.pack_batch(batch, 9, ("input_ids",), pad_id=0)
+            try:
+                # TaskModule's forward, not a subclass's: the model and head on packed rows, as every task runs them
+                together = getattr(TaskModule.forward(self, **{k: v.to(device) for k, v in rows.items()}),
+                                   self.packed_output)
+            except (RuntimeError, ValueError, TypeError, IndexError) as err:  # e.g. an attention that takes no 4D mask
+                together, failure = None, f" ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
+        finally:
+            self.model.train(was_training)
+        for i, logits in enumerate(alone):
+            if together is not None:
+                mine = together[i][: len(examples[i])] if logits.dim() > 1 else together[i]
+                if mine.shape == logits.shape and torch.allclose(mine.float(), logits.float(), atol=1e-4, rtol=1e-4):
+                    continue
+                failure = ""
+            raise UserError(
+                f"backbone {config.model_type} with the {type(self).__name__} head does not keep packed examples apart "
+                f"(an example packed with another gives other outputs than alone{failure}): set dataset.packing=false.")
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         loss = self(**batch).loss
         if not torch.isfinite(loss):  # the progress bar reads the loss every step anyway: this sync costs nothing
             return self._non_finite(loss, batch_idx)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
+        self.log("train/loss", loss, prog_bar=True, batch_size=packed.batch_examples(batch))
         return loss
 
     def _non_finite(self, loss: torch.Tensor, batch_idx: int) -> None:
@@ -217,7 +279,7 @@ class TaskModule(pl.LightningModule):
         )
 
     def _eval_step(self, stage: str, batch: dict) -> None:
-        rows = len(batch["input_ids"])
+        rows = packed.batch_examples(batch)  # (evaluation batches are packed on a single process only)
         own = self.own_rows(stage, rows)
         if own == 0:
             return  # every row of this batch repeats another rank's (DistributedSampler's padding)

@@ -214,6 +214,10 @@ class LanguageModelingData(TaskDataModule):
             batch = self.collator(features)
         if self.document_attention == "isolated":
             batch.pop("attention_mask", None)  # position ids carry the documents: transformers masks across them
+            if self.objective == "clm":
+                # A document's first token is no target: the token before it, the last of another document, must
+                # not learn to predict it (as transformers' DataCollatorWithFlattening labels packed sequences).
+                batch["labels"][batch["position_ids"] == 0] = -100
         return batch
 
     def head_kwargs(self) -> dict[str, Any]:

@@ -73,6 +73,8 @@ class TokenClassificationData(TaskDataModule):
             set with a warning (the model never learns it, so it counts as missed; CoNLL-2003's chunk tags need it).
     """
 
+    packed_token_keys = ("input_ids", "token_type_ids", "labels")
+
     def __init__(
         self,
         *,

@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from lightning_ft.data.base import TaskDataModule
 from lightning_ft.errors import UserError
@@ -31,6 +32,7 @@ class SimilarityData(TaskDataModule):
     """
 
     keep_row_index = True
+    packed_token_keys = ("input_ids",)
 
     def __init__(
         self,
@@ -153,3 +155,20 @@ class SimilarityData(TaskDataModule):
             batch["labels"] = torch.tensor([f["labels"] for f in features], dtype=torch.float)
         batch["row_index"] = torch.tensor([f["row_index"] for f in features], dtype=torch.long)
         return batch
+
+    def collate_packed(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        """Every text of the batch (its anchors, then their pairs, then any hard negatives) packed into rows."""
+        from lightning_ft.packing import pack_batch
+
+        batch = self.collate(features)
+        groups = [p for p in TEXT_GROUPS if f"{p}input_ids" in batch]
+        width = max(batch[f"{p}input_ids"].shape[1] for p in groups)
+        pad_id = self.tokenizer.pad_token_id or 0
+
+        def stacked(key: str, fill: int) -> torch.Tensor:
+            return torch.cat([F.pad(batch[f"{p}{key}"], (0, width - batch[f"{p}{key}"].shape[1]), value=fill)
+                              for p in groups])
+
+        texts = {"input_ids": stacked("input_ids", pad_id), "attention_mask": stacked("attention_mask", 0)}
+        rest = {k: v for k, v in batch.items() if not k.endswith(("input_ids", "attention_mask"))}
+        return {**rest, **pack_batch(texts, self.max_length, ("input_ids",), pad_id, self.pad_to_multiple_of)}

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torchmetrics import Metric
 from transformers import AutoModel
 
+from lightning_ft import packing
 from lightning_ft.backbones import resolve_name
 from lightning_ft.errors import UserError
 from lightning_ft.metrics.similarity import CosineCorrelation, PairRetrieval
@@ -116,6 +117,7 @@ class SimilarityTask(TaskModule):
 
     auto_class = AutoModel
     non_model_keys = ("labels", "row_index")
+    packed_output = "last_hidden_state"
 
     def __init__(
         self,
@@ -160,8 +162,16 @@ class SimilarityTask(TaskModule):
 
     def forward(self, **batch: torch.Tensor) -> SimpleNamespace:
         """Embeddings of every text group of the batch, and the loss its data calls for."""
-        embeddings = [self.embed(batch[f"{p}input_ids"], batch[f"{p}attention_mask"]) for p in TEXT_GROUPS
-                      if f"{p}input_ids" in batch]
+        if packing.is_packed(batch):  # every text packed in rows (SimilarityData.collate_packed), group by group
+            hidden = TaskModule.forward(self, **batch).last_hidden_state  # one row per text
+            lengths = batch["example_lengths"].to(hidden.device)
+            mask = (torch.arange(hidden.shape[1], device=hidden.device) < lengths[:, None]).long()
+            pooled = pool(hidden, mask, self.pooling)
+            pooled = F.normalize(pooled, dim=-1) if self.normalize else pooled
+            embeddings = list(pooled.chunk(len(lengths) // len(batch["row_index"])))
+        else:
+            embeddings = [self.embed(batch[f"{p}input_ids"], batch[f"{p}attention_mask"]) for p in TEXT_GROUPS
+                          if f"{p}input_ids" in batch]
         if "labels" in batch:
             loss = cosine_loss(embeddings[0], embeddings[1], batch["labels"])
         else:

@@ -27,6 +27,8 @@ class TextClassificationData(TaskDataModule):
         label_separator: split string labels on it to get multi-label lists (e.g. ``"a,b"`` in a CSV).
     """
 
+    packed_token_keys = ("input_ids", "token_type_ids")
+
     def __init__(
         self,
         *,

@@ -15,7 +15,10 @@ from torchmetrics.classification import (
 )
 from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 from transformers import AutoModelForSequenceClassification
+from transformers.modeling_outputs import SequenceClassifierOutput
 
+from lightning_ft import packing
+from lightning_ft.errors import UserError
 from lightning_ft.tasks.base import TaskModule, label_maps
 from lightning_ft.tasks.text_classification.data import MULTI, REGRESSION, SINGLE
 
@@ -68,6 +71,35 @@ class TextClassificationTask(TaskModule):
                 "mcc": MulticlassMatthewsCorrCoef(n),
             }
         return MetricCollection(metrics, prefix=prefix)
+
+    def packed_forward(self, inputs: dict[str, torch.Tensor], layout: dict[str, torch.Tensor]) -> Any:
+        """Packed rows through the backbone; the head reads each example's own token: an encoder head (BERT's pooler,
+        RoBERTa's classifier...) its first, a decoder's ``score`` its last."""
+        base = getattr(self.model, self.model.base_model_prefix)
+        if self.packing_causal:
+            labels = inputs.pop("labels", None)
+            if not hasattr(self.model, "score"):
+                raise UserError(f"dataset.packing=true does not know where the {type(self.model).__name__} head "
+                                "reads a decoder's examples: set dataset.packing=false.")
+            logits = self.model.score(packing.gather(base(**inputs).last_hidden_state, layout, last=True))
+            loss = None if labels is None else self.model.loss_function(
+                logits=logits, labels=labels, pooled_logits=logits, config=self.model.config)
+            return SequenceClassifierOutput(loss=loss, logits=logits)
+        stack = getattr(base, "encoder", None) or getattr(base, "transformer", None)
+        if stack is None:
+            raise UserError(f"dataset.packing=true does not know the layer stack of {type(base).__name__}: set "
+                            "dataset.packing=false.")
+
+        def first_tokens(module: Any, args: Any, output: Any) -> Any:
+            # The head reads position 0 of what the encoder returns: hand it one row per example, its first token.
+            hidden = packing.gather(output[0], layout)[:, None]
+            return (hidden, *output[1:]) if isinstance(output, tuple) else type(output)(last_hidden_state=hidden)
+
+        handle = stack.register_forward_hook(first_tokens)
+        try:
+            return self.model(**inputs)
+        finally:
+            handle.remove()
 
     def update_metrics(self, metrics: MetricCollection, outputs: Any, batch: dict) -> None:
         logits = outputs.logits.float()
