@@ -160,7 +160,8 @@ def test_every_task_config_has_every_key_its_module_takes(tmp_path, task):
     cfg = compose_config([f"task={task}"], tmp_path)
     cls = get_class(cfg.task._target_)
     datamodule = instantiate(cfg.dataset, seed=cfg.seed, _convert_="all")
-    from_data = set(datamodule.head_kwargs())  # what build_task adds from the data (labels, choices...)
+    # what build_task adds from the data (labels, choices..., and dataset.packing)
+    from_data = set(datamodule.head_kwargs()) | set(datamodule.module_settings)
     takes = set(keyword_args(cls))
     given_by_the_class = {"model_config"} if "model_config" in takes else set()  # a head's own settings
     expected = takes - NOT_CONFIG_TASK - from_data - given_by_the_class

@@ -125,11 +125,11 @@ def test_packing_is_refused_for_a_task_that_does_not_pack(tmp_path):
 
 @pytest.mark.parametrize("pooling", ["mean", "cls", "max"])
 def test_packed_similarity_embeddings_equal_padded_ones(pooling):
+    from conftest import MINILM, TINY
+
     from lightning_ft.backbones import load_tokenizer
     from lightning_ft.tasks.similarity.data import SimilarityData
     from lightning_ft.tasks.similarity.model import SimilarityTask
-
-    from conftest import MINILM, TINY
 
     tokenizer = load_tokenizer(MINILM)
     data = SimilarityData(tokenizer=tokenizer, packing=True, max_length=32)

@@ -230,6 +230,8 @@ class TaskDataModule(pl.LightningDataModule):
     # Write each row's position in its split as ``row_index``: metrics that must count an example once under DDP
     # (where the sampler repeats rows to even out the ranks) read it.
     keep_row_index: bool = False
+    # What ``model_kwargs`` gives the task module besides ``head_kwargs``: data settings the module acts on.
+    module_settings = ("packing",)
     # The per-token entries a packed batch lays out in rows (``dataset.packing``); None: the task does not pack.
     packed_token_keys: tuple[str, ...] | None = None
 
@@ -254,7 +256,7 @@ class TaskDataModule(pl.LightningDataModule):
         num_workers: int | None = None,
         pad_to_multiple_of: int | None = None,
         group_by_length: bool | None = True,
-        packing: bool = False,
+        packing: bool | None = False,
         cache_dir: str | None = None,
         seed: int = 42,
     ) -> None:
@@ -280,8 +282,9 @@ class TaskDataModule(pl.LightningDataModule):
         if packing and self.packed_token_keys is None:
             raise UserError(f"dataset.packing=true is not available for {type(self).__name__} (text classification "
                             "and NER pack their examples): set dataset.packing=false.")
-        # Packed batches are a random draw of examples like shuffled ones: length grouping does not apply.
-        self.pack_examples = bool(packing)
+        # Packed batches are a random draw of examples like shuffled ones: length grouping does not apply to them.
+        # None: packed where the task module finds that its backbone keeps packed examples apart (``packs_examples``).
+        self.pack_examples = packing if self.packed_token_keys is not None else False
         self.cache_dir = cache_dir
         self.seed = seed
         self.datasets: dict[str, Any] | None = None
@@ -379,7 +382,7 @@ class TaskDataModule(pl.LightningDataModule):
     def model_kwargs(self) -> dict[str, Any]:
         """What the task module is built with: the data is prepared (checked, labels learned, tokenized) first."""
         self._prepare()
-        return {**self.head_kwargs(), **({"packing": True} if self.pack_examples else {})}
+        return {**self.head_kwargs(), **({} if self.pack_examples is False else {"packing": self.pack_examples})}
 
     @property
     def collator(self) -> Any:
@@ -639,13 +642,16 @@ class TaskDataModule(pl.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         # Evaluation batches are packed on one process only: under DDP a rank drops the rows its sampler repeats
         # (TaskModule.own_rows), which needs one row per example.
-        packed = self.pack_examples and (split == "train" or trainer is None or trainer.world_size == 1)
+        packs = self.pack_examples
+        if packs is None:  # the module decided, from its backbone
+            packs = bool(getattr(getattr(trainer, "lightning_module", None), "packs_examples", False))
+        packed = packs and (split == "train" or trainer is None or trainer.world_size == 1)
         collate = self.collate_packed if packed else self.collate
         if split != "train":
             return DataLoader(data, batch_size=self.eval_batch_size, collate_fn=collate, num_workers=workers,
                               persistent_workers=workers > 0, pin_memory=on_gpu)
         lengths = None
-        if self.group_by_length and not self.pack_examples:
+        if self.group_by_length and not packed:
             lengths = pc.list_value_length(data.with_format("arrow")["input_ids"]).to_pylist()
         # A stateful loader over an order that depends only on (seed, epoch): a checkpoint records how many batches
         # of the epoch were read, and a resumed run skips exactly those (trainer.fit with a mid-epoch checkpoint).

@@ -94,7 +94,7 @@ class TaskModule(pl.LightningModule):
         layer_decay: ``optim.layer_decay``: each layer's learning rate that much smaller than the one above it.
         packing: from the data (``dataset.packing``): batches come packed (``lightning_ft.packing``); checked here
             on two examples, packed and alone, so a backbone or head that lets packed examples see one another is
-            refused before any training.
+            refused before any training. None: packed if that check passes, padded otherwise (``packs_examples``).
 
     A module whose model trains only in part (``peft``, ``backbone.freeze``) saves only the trainable weights in
     its checkpoints: the frozen ones are rebuilt from the backbone settings (a fresh model's from
@@ -117,7 +117,7 @@ class TaskModule(pl.LightningModule):
         model_config: dict[str, Any] | None = None,
         peft: dict[str, Any] | None = None,
         layer_decay: float | None = None,
-        packing: bool = False,
+        packing: bool | None = False,
     ) -> None:
         super().__init__()
         # Saved: the subclass's own arguments, the backbone and peft, enough to rebuild the module from a checkpoint.
@@ -170,8 +170,17 @@ class TaskModule(pl.LightningModule):
         self.eval_loss = torch.nn.ModuleDict({stage: MeanMetric() for stage in STAGES})
         self.packing_causal = False  # a packed example's tokens see only those before them (a decoder backbone)
         self.packing_position_offset = 0  # the first position id of an example (RoBERTa's: its padding id + 1)
-        if packing:
-            self._check_packing()
+        self.packs_examples = False  # whether the data packs this module's batches (the loaders read it)
+        if packing is not False:
+            try:
+                self._check_packing()
+                self.packs_examples = True
+            except UserError as refusal:
+                if packing:
+                    raise
+                log.info("batches: padded, not packed (%s)", str(refusal).split(" (")[0])
+        if self.packs_examples:
+            log.info("batches: packed, %s", "examples isolated by a block-diagonal attention mask")
 
     @property
     def trainable_parameters(self) -> tuple[int, int]:
