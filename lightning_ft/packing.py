@@ -40,9 +40,13 @@ def layout(lengths: list[int], capacity: int, multiple_of: int | None = None) ->
     the longest example, rounded up to ``multiple_of``). Narrower, fuller rows than packing each one to ``capacity``:
     less padding in the last row, less attention work."""
     step = multiple_of or 1
+
     def rounded(width: int) -> int:
         return min(capacity, -(-width // step) * step)
-    total, longest = sum(lengths), max(lengths, default=1)
+
+    if not lengths:
+        return []
+    total, longest = sum(lengths), max(lengths)
     fewest = len(first_fit(lengths, capacity))
     best: list[list[int]] | None = None
     for count in range(fewest, fewest + 3):
@@ -51,7 +55,8 @@ def layout(lengths: list[int], capacity: int, multiple_of: int | None = None) ->
         while len(rows) > count and width < capacity:
             width = rounded(width + step)
             rows = first_fit(lengths, width)
-        if best is None or len(rows) * width < len(best) * _width(best, lengths, step, capacity):
+        if best is None or (len(rows) * _width(rows, lengths, step, capacity)
+                            < len(best) * _width(best, lengths, step, capacity)):
             best = rows
     return best
 

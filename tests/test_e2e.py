@@ -25,6 +25,8 @@ def test_default_command_fine_tunes_minilm_and_exports_a_pipeline_model(tmp_path
     assert metrics["test"]["test/accuracy"] > 0.72
     assert (run / "config.yaml").is_file() and (run / ".hydra" / "overrides.yaml").is_file()
     assert "test/accuracy" in result.stdout and "Hugging Face model" in result.stdout
+    # The default packs each batch's sentences into rows (dataset.packing: null, and MiniLM keeps them apart).
+    assert metrics["throughput"]["packing_efficiency"] > 0.9 and metrics["throughput"]["examples_per_row"] > 2
 
     texts = ["a gripping , beautifully acted film", "dull , lifeless and far too long", "it 's fine"]
     module = TextClassificationTask.load_from_checkpoint(metrics["best_model_path"], map_location="cpu").eval()

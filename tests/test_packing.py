@@ -110,10 +110,26 @@ def test_training_a_packed_batch_moves_every_example_gradient():
     assert torch.isfinite(loss) and module.model.classifier.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("model_type,config", [
+    ("distilbert", {"dim": 32, "n_layers": 2, "n_heads": 2, "hidden_dim": 64, "vocab_size": 100}),
+    ("electra", SMALL), ("albert", {**SMALL, "embedding_size": 16}), ("mpnet", SMALL),
+    ("xlm-roberta", {**SMALL, "pad_token_id": 1}), ("qwen2", {**SMALL, "num_key_value_heads": 2, "pad_token_id": 0}),
+    ("gpt2", {"n_embd": 32, "n_layer": 2, "n_head": 2, "vocab_size": 100, "pad_token_id": 0}),
+])
+def test_more_backbones_keep_packed_examples_apart(model_type, config):
+    # The check the module runs when built (two examples packed and alone) passes for each, with both heads.
+    backbone = {"name": None, "model_type": model_type, "pretrained": False, "config_overrides": config}
+    for cls, labels in HEADS.values():
+        assert cls(backbone=backbone, **labels, packing=True).packs_examples
+
+
 def test_a_backbone_that_cannot_keep_packed_examples_apart_is_refused():
     backbone = {"name": None, "model_type": "deberta-v2", "pretrained": False, "config_overrides": SMALL}
     with pytest.raises(UserError, match=r"does not keep packed examples apart .*set dataset\.packing=false"):
         TextClassificationTask(backbone=backbone, num_labels=2, id2label={0: "a", 1: "b"}, packing=True)
+    # packing=null (the shipped default): padded batches instead, without an error
+    assert not TextClassificationTask(backbone=backbone, num_labels=2, id2label={0: "a", 1: "b"},
+                                      packing=None).packs_examples
 
 
 def test_packing_is_refused_for_a_task_that_does_not_pack(tmp_path):
