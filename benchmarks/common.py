@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -130,3 +131,30 @@ def append_report(path: str, report: str) -> None:
     print(report)
     with open(path, "a") as f:
         f.write(report)
+
+
+def paired_table(reference: str, runs: dict[str, list[float]], digits: int = 4) -> list[str]:
+    """Markdown rows comparing each side's per-seed metric with ``reference``'s on the same seeds: each side's mean
+    and standard deviation, and the mean paired difference (side minus reference) with its 95% t interval. An
+    interval that excludes zero is a difference the seeds resolve; one that holds zero is not."""
+    from scipy import stats
+
+    base = runs[reference]
+    rows = [f"| side | seeds | mean | std | difference to {reference} | 95% interval | resolved |",
+            "|---|---|---|---|---|---|---|"]
+    for side, values in runs.items():
+        mean, std = statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else float("nan")
+        if side == reference:
+            rows.append(f"| {side} | {len(values)} | {mean:.{digits}f} | {std:.{digits}f} | | | |")
+            continue
+        diffs = [v - b for v, b in zip(values, base, strict=True)]
+        mean_diff = statistics.fmean(diffs)
+        if len(diffs) > 1:
+            half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
+            interval = f"[{mean_diff - half:+.{digits}f}, {mean_diff + half:+.{digits}f}]"
+            resolved = "yes" if mean_diff - half > 0 or mean_diff + half < 0 else "no (holds 0)"
+        else:
+            interval, resolved = "one seed: none", ""
+        rows.append(f"| {side} | {len(values)} | {mean:.{digits}f} | {std:.{digits}f} | {mean_diff:+.{digits}f} | "
+                    f"{interval} | {resolved} |")
+    return rows

@@ -32,6 +32,7 @@ from common import (  # noqa: E402
     hf_timer,
     lightning_ft_module,
     lightning_timer,
+    paired_table,
     report_heading,
     timed_trainer,
 )
@@ -208,7 +209,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--train-rows", type=int, nargs="+", default=None,
                         help="first N training rows, one value per --task (0 or default: all)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="seeds per side (42, 43, ...), the same for every side")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     args = parser.parse_args()
@@ -221,11 +222,11 @@ def main() -> None:
 
     sections = []
     for task in args.task:
-        table = []
+        table, runs_by = [], {}
         for precision in args.precision:
             for side in sides:  # untimed: the first run of each in a process pays one-time costs (oneDNN kernels)
                 run(side, task, 1, 320, precision, seed=0)
-            runs = {side: [] for side in sides}
+            runs = runs_by[precision] = {side: [] for side in sides}
             for repeat in range(args.repeats):  # alternating, so drift in machine speed hits all sides alike
                 for side in sides:
                     r = run(side, task, args.epochs, rows_for[task], precision, seed=42 + repeat)
@@ -246,6 +247,11 @@ def main() -> None:
                     f"**{statistics.median(rates) / reference:.2f}** | {padded:.0f} | {padding:.1%} | {wait} | "
                     f"{statistics.median(r['seconds'] for r in runs[side]) / 60:.1f} | {statistics.median(metrics):.4f}"
                     f" | {', '.join(f'{m:.4f}' for m in metrics)} |")
+        paired = []
+        for precision in args.precision:
+            paired += [f"\nDev metric over the seeds, {precision}, paired with {sides[0]} on the same seed:\n",
+                       *paired_table(sides[0], {side: [r["metric"] for r in runs_by[precision][side]]
+                                                for side in sides})]
         rows = f"the first {rows_for[task]}" if rows_for[task] else f"all {TASKS[task]['rows']}"
         sections.append("\n".join([
             f"\n### {TASKS[task]['title']}\n",
@@ -258,6 +264,7 @@ def main() -> None:
             " | dev median | dev per seed |",
             "|---|---|---|---|---|---|---|---|---|---|",
             *table,
+            *paired,
         ]))
     report = "\n".join([
         *report_heading("lightning_ft vs Hugging Face Trainer, MiniLM-L6, shipped defaults", __file__),
