@@ -104,8 +104,15 @@ def dataset_target(option: str) -> type:
 def inherited_files(option: str) -> list[str]:
     """``option`` and the dataset configs it inherits, nearest first."""
     data = yaml.safe_load((config_dir() / "dataset" / f"{option}.yaml").read_text()) or {}
-    parents = [d for d in data.get("defaults", []) if isinstance(d, str) and d != "_self_"]
+    parents = [d.split("@")[0] for d in data.get("defaults", []) if isinstance(d, str) and d != "_self_"]
     return [option, *(name for parent in parents for name in inherited_files(parent))]
+
+
+def own_dataset_keys(name: str) -> set[str]:
+    """The dataset keys a dataset config sets itself (a GLUE config, packaged _global_, sets task keys beside)."""
+    text = (config_dir() / "dataset" / f"{name}.yaml").read_text()
+    data = yaml.safe_load(text) or {}
+    return set(data.get("dataset", {}) if "# @package _global_" in text else data) - {"defaults"}
 
 
 DATASETS = [o for o in options("dataset") if "# old name, kept for one release" not in
@@ -146,7 +153,7 @@ def test_a_dataset_key_only_base_sets_is_the_datamodules_own_default(tmp_path, o
     own = set()
     for name in inherited_files(option):
         if name != BASE:
-            own |= set(yaml.safe_load((config_dir() / "dataset" / f"{name}.yaml").read_text()) or {})
+            own |= own_dataset_keys(name)
     params = data_keys(cls)
     for key in set(cfg.dataset) - own - {"_target_"}:
         value = _plain_default(OmegaConf.to_container(cfg.dataset, resolve=True)[key])
@@ -233,10 +240,10 @@ def test_hydras_refusal_of_a_mistyped_key_becomes_one_sentence_naming_the_key_me
     (["dataset.val_fraction=0.1", "dataset.data_files.train=a.tsv"], None),
     (["-m", "task=ner,qa", "optim.lr=interval(1e-5,1e-4)"], None),
     (["dataset=no_such_dataset"], "dataset=no_such_dataset is not a dataset config: use one of cnn_dailymail, "
-     "conll2003, gsm8k, multi30k, openbookqa, sample_clm, sample_mlm, sample_multiple_choice, sample_ner, sample_qa, "
-     "sample_sft, sample_similarity, sample_stsb, sample_summarization, sample_text_classification, "
-     "sample_translation, scitldr, squad, sst2, stsb, stsb_sample, stsb_similarity, swag, tiny_shakespeare, "
-     "wikitext2, wmt16_ro_en, wnut17 "
+     "cola, conll2003, gsm8k, mnli, mrpc, multi30k, openbookqa, qnli, qqp, rte, sample_clm, sample_mlm, "
+     "sample_multiple_choice, sample_ner, sample_qa, sample_sft, sample_similarity, sample_stsb, "
+     "sample_summarization, sample_text_classification, sample_translation, scitldr, squad, sst2, stsb, stsb_sample, "
+     "stsb_similarity, swag, tiny_shakespeare, wikitext2, wmt16_ro_en, wnli, wnut17 "
      "(conf/dataset/, or a file of your own there)."),
 ])
 def test_check_overrides_names_the_key_meant_in_one_sentence(args, sentence):

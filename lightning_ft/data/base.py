@@ -338,6 +338,10 @@ class TaskDataModule(pl.LightningDataModule):
     def fit_labels(self, train: Any) -> None:
         """Learn the label set from the raw training split (called before ``check_split`` and ``encode``)."""
 
+    def label_columns(self) -> list[str]:
+        """The columns that hold labels, which an unlabelled split lacks (a GLUE test file)."""
+        return []
+
     def check_split(self, split: str, data: Any) -> None:
         """Raise a ``UserError`` for rows ``encode`` cannot handle (e.g. a label training never saw)."""
 
@@ -543,6 +547,16 @@ class TaskDataModule(pl.LightningDataModule):
             missing = list(dict.fromkeys(c for c in self.required_columns(split) if c not in data.column_names))
             if not missing:
                 continue
+            if split != "train" and set(missing) <= set(self.label_columns()):
+                # GLUE's test files: the rows without the labels, which GLUE keeps private; first column index/id
+                glue = " (as a GLUE test file is: GLUE keeps those labels private)" if str(
+                    data.column_names[0]).lower() in ("index", "id") else ""
+                raise UserError(
+                    f"the {split} split has no labels: column {', '.join(repr(c) for c in missing)} is missing"
+                    f"{glue}, so it cannot be scored. Point dataset.data_files.{split} at a labelled file (for GLUE "
+                    "the dev split, dev.tsv, as its dataset configs do), or get its predictions with "
+                    "python -m lightning_ft.predict."
+                )
             keys = list(dict.fromkeys(options.get(c, "the dataset's column option") for c in missing))
             if len(missing) == 1:
                 what = f"column '{missing[0]}' is missing"
