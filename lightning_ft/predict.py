@@ -368,7 +368,9 @@ def resolve_columns(prediction: Prediction, rows: list[dict], settings: dict[str
     among a column's usual names makes it optional."""
     present = list(dict.fromkeys(key for row in rows for key in row))
     for name, declared in prediction.option_fields().items():
-        if "usual" not in declared.metadata:  # not a column option
+        if "usual" not in declared.metadata:  # not a column option: a setting the model was trained with, if saved
+            if name not in settings and name in (trained or {}):
+                settings[name] = trained[name]  # (text classification's long_inputs=window and its stride)
             continue
         role = name.removesuffix("s").removesuffix("column").rstrip("_").replace("_", " ") or "text"
         known = (trained or {}).get(name)

@@ -47,6 +47,46 @@ def first_subtoken_index(word_ids: Sequence[int | None]) -> list[int]:
     return index
 
 
+def word_windows(tokenizer: Any, sentences: list[list[str]], max_length: int, stride: int) -> list[list[dict]]:
+    """Each sentence as overlapping windows of at most ``max_length`` sub-tokens, ``stride`` shared by neighbours
+    (the tokenizer's own overflow). A window is its encoding (``input_ids``, ``attention_mask``...) with, per token:
+    ``word_ids`` (the tokenizer's); ``first``, the word whose first sub-token it is (else ``IGNORE``; a word a
+    window starts inside of has none there); and ``chosen``, the same for the words read from this window only,
+    each word's most central window (the most context on its shorter side), so a sentence's windows name every word
+    exactly once."""
+    encoding = tokenizer(sentences, is_split_into_words=True, truncation=True, max_length=max_length, stride=stride,
+                         return_overflowing_tokens=True)
+    owner = encoding["overflow_to_sample_mapping"]
+    keys = [k for k in encoding if k != "overflow_to_sample_mapping"]
+    # The whole sentence's sub-tokens, to place each window in it: the tokenizer's overflow starts a window
+    # ``stride`` sub-tokens before the previous one ended, which may be inside a word.
+    whole = tokenizer(sentences, is_split_into_words=True, add_special_tokens=False)
+    windows: list[list[dict]] = [[] for _ in sentences]
+    start = [0] * len(sentences)  # where, in the whole sentence, the next window's sub-tokens begin
+    for i, sentence in enumerate(owner):
+        word_ids = encoding.word_ids(i)
+        first = first_subtoken_index(word_ids)
+        content = [p for p, w in enumerate(word_ids) if w is not None]
+        at, everything = start[sentence], whole.word_ids(sentence)
+        if content and 0 < at < len(everything) and everything[at - 1] == everything[at] == word_ids[content[0]]:
+            first[content[0]] = IGNORE  # the window begins inside a word: its first sub-token is in an earlier one
+        start[sentence] = at + len(content) - stride
+        window = {k: encoding[k][i] for k in keys}
+        window["first"], window["word_ids"] = first, word_ids
+        window["room"] = [min(p - content[0], content[-1] - p) if first[p] >= 0 else -1 for p in range(len(first))]
+        windows[sentence].append(window)
+    for sentence_windows in windows:
+        best: dict[int, tuple[int, int]] = {}  # word -> (room, window)
+        for w, window in enumerate(sentence_windows):
+            for p, word in enumerate(window["first"]):
+                if word >= 0 and (word not in best or window["room"][p] > best[word][0]):
+                    best[word] = (window["room"][p], w)
+        for w, window in enumerate(sentence_windows):
+            window["chosen"] = [word if word >= 0 and best[word][1] == w else IGNORE for word in window["first"]]
+            del window["room"]
+    return windows
+
+
 def require_fast_tokenizer(tokenizer: Any) -> None:
     if not getattr(tokenizer, "is_fast", False):
         raise UserError(
@@ -71,6 +111,10 @@ class TokenClassificationData(TaskDataModule):
         group_by_length: batch sentences of similar length (off by default: faster, but it cost F1 on CoNLL-2003).
         unseen_tags: a validation/test tag the training split lacks: ``error`` (default), or ``add`` it to the label
             set with a warning (the model never learns it, so it counts as missed; CoNLL-2003's chunk tags need it).
+        long_inputs: ``truncate`` (the words of a sentence past ``max_length`` sub-tokens are cut off and tagged
+            ``O``) or ``window``: a long sentence is read in overlapping windows of ``max_length`` sub-tokens,
+            ``stride`` of them shared by neighbours; training takes every window, evaluation and predict tag each
+            word from the window where it has the most context on both sides, and score whole sentences.
     """
 
     packed_token_keys = ("input_ids", "token_type_ids", "labels")
@@ -85,10 +129,19 @@ class TokenClassificationData(TaskDataModule):
         label_all_tokens: bool = False,
         unseen_tags: str = "error",
         group_by_length: bool = False,
+        long_inputs: str = "truncate",
+        stride: int = 32,
         **kwargs: Any,
     ) -> None:
         if unseen_tags not in ("error", "add"):
             raise UserError(f"dataset.unseen_tags is '{unseen_tags}': use error or add.")
+        if long_inputs not in ("truncate", "window"):
+            raise UserError(f"dataset.long_inputs={long_inputs!r} is not truncate or window: truncate cuts a long "
+                            "sentence at max_length, window reads it in overlapping windows.")
+        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 0:
+            raise UserError(f"dataset.stride={stride!r} is not a whole number of tokens >= 0: give the overlap of "
+                            "neighbouring windows, e.g. dataset.stride=32.")
+        self.long_inputs, self.stride = long_inputs, stride
         self.unseen_tags = unseen_tags
         self.tokens_column = tokens_column
         self.label_column = label_column
@@ -96,6 +149,7 @@ class TokenClassificationData(TaskDataModule):
         self.label_names = list(label_names) if label_names else None
         self.label_all_tokens = label_all_tokens
         self.label2id: dict[str, int] = {}
+        self.windowed: dict[str, int] = {}  # split -> sentences longer than max_length, read in windows
         self.lost_words: dict[str, tuple[int, int, int]] = {}  # split -> (sentences cut, words cut, empty words)
         # group_by_length is off by default here, unlike sentence-level tasks: on CoNLL-2003, one epoch of
         # length-grouped batches (2.3x faster) ended 1.5 F1 points lower, with the HF Trainer's own grouping as with
@@ -107,6 +161,11 @@ class TokenClassificationData(TaskDataModule):
         if getattr(tokenizer, "add_prefix_space", None) is False:
             # Byte-level BPE (RoBERTa, GPT-2, DeBERTa) refuses pre-split words unless it adds the space itself.
             tokenizer = type(tokenizer).from_pretrained(tokenizer.name_or_path, add_prefix_space=True)
+        room = self.max_length - tokenizer.num_special_tokens_to_add()
+        if self.long_inputs == "window" and self.stride >= room:
+            raise UserError(f"dataset.stride={self.stride} leaves no new tokens in a window of "
+                            f"dataset.max_length={self.max_length} ({room} after the special tokens): set "
+                            f"dataset.stride below {room}, e.g. {room // 4}.")
         return super().check_tokenizer(tokenizer)
 
     # ---- reading -----------------------------------------------------------------------------------------------
@@ -211,7 +270,10 @@ class TokenClassificationData(TaskDataModule):
 
     # ---- preprocessing -----------------------------------------------------------------------------------------
     def predict_columns(self) -> dict[str, Any]:
-        return {"tokens_column": self.tokens_column}
+        # A windowed model tags in the windows it was trained on: their length too.
+        windows = ({"long_inputs": "window", "stride": self.stride, "max_length": self.max_length}
+                   if self.long_inputs == "window" else {})
+        return {"tokens_column": self.tokens_column, **windows}
 
     def required_columns(self, split: str) -> list[str]:
         return [self.tokens_column, self.label_column]
@@ -221,9 +283,12 @@ class TokenClassificationData(TaskDataModule):
             **super().preprocessing_settings(),
             "label2id": sorted(self.label2id.items()),
             "label_all_tokens": self.label_all_tokens,
+            **({"long_inputs": "window", "stride": self.stride} if self.long_inputs == "window" else {}),
         }
 
     def encode(self, batch: dict[str, list]) -> dict[str, list]:
+        if self.long_inputs == "window":
+            return self._encode_windows(batch)
         encoding = self.tokenizer(
             batch[self.tokens_column], is_split_into_words=True, truncation=True, max_length=self.max_length
         )
@@ -246,7 +311,49 @@ class TokenClassificationData(TaskDataModule):
             word_labels.append(tag_ids)
         return {**encoding, "labels": labels, "word_index": word_index, "word_labels": word_labels}
 
+    def _encode_windows(self, batch: dict[str, list]) -> dict[str, list]:
+        """Training rows: one per window (its words' tags at their first sub-tokens). Evaluation rows: one per
+        sentence, holding its windows (``window_input_ids``...), each word labelled and read in one of them only
+        (``word_windows``'s ``chosen``), so the loss and the metrics count every word once."""
+        inside = {i: self.label2id.get("I-" + name[2:], i) for name, i in self.label2id.items() if name[:2] == "B-"}
+        train = self._current_split == "train"
+        rows: dict[str, list] = {}
+        sentences = batch[self.tokens_column]
+        for tags, windows in zip(batch[self.label_column],
+                                 word_windows(self.tokenizer, sentences, self.max_length, self.stride)):
+            tag_ids = [self.label2id[tag] for tag in tags]
+            encoded = []
+            for window in windows:
+                first, chosen, word_ids = window.pop("first"), window.pop("chosen"), window.pop("word_ids")
+                labelled = first if train else chosen
+                labels = []
+                for token, word in enumerate(word_ids):
+                    if labelled[token] >= 0:
+                        labels.append(tag_ids[labelled[token]])
+                    elif train and self.label_all_tokens and word is not None:
+                        labels.append(inside.get(tag_ids[word], tag_ids[word]))
+                    else:
+                        labels.append(IGNORE)
+                encoded.append({**window, "labels": labels, "word_index": chosen})
+            if train:
+                for window in encoded:
+                    for key, value in window.items():
+                        rows.setdefault(key, []).append(value)
+                    rows.setdefault("word_labels", []).append(tag_ids)
+            else:
+                for key in encoded[0]:
+                    rows.setdefault(f"window_{key}", []).append([window[key] for window in encoded])
+                rows.setdefault("word_labels", []).append(tag_ids)
+            self.windowed[self._current_split] = self.windowed.get(self._current_split, 0) + (len(windows) > 1)
+        return rows
+
     def check_encoded(self, split: str, data: Any) -> None:
+        if self.long_inputs == "window":
+            if self.windowed.get(split):
+                log.info("%s split: %d sentences are longer than max_length=%d tokens and are read in overlapping "
+                         "windows (dataset.long_inputs=window, stride %d).", split, self.windowed[split],
+                         self.max_length, self.stride)
+            return
         table = data.with_format("arrow")
         totals = pc.list_value_length(table["word_labels"]).to_pylist()
         cut = empty = cut_sentences = 0
@@ -275,11 +382,30 @@ class TokenClassificationData(TaskDataModule):
         return DataCollatorForTokenClassification(self.tokenizer, pad_to_multiple_of=self.pad_to_multiple_of)
 
     def collate(self, features: list[dict]) -> dict:
+        if "window_input_ids" in features[0]:
+            return self._collate_windows(features)
         word_index = [f.pop("word_index") for f in features]
         word_labels = [f.pop("word_labels") for f in features]
         batch = self.collator(features)
         batch["word_index"] = _pad(word_index, batch["input_ids"].shape[1], self.tokenizer.padding_side)
         batch["word_labels"] = _pad(word_labels, max(map(len, word_labels), default=0), "right")
+        return batch
+
+    def _collate_windows(self, features: list[dict]) -> dict:
+        """Windowed sentences (evaluation): a batch of all their windows, each window's sentence
+        (``window_document``), and the sentences' tags (``word_labels``, one row per sentence)."""
+        windows, word_index, owner = [], [], []
+        for sentence, feature in enumerate(features):
+            for w in range(len(feature["window_input_ids"])):
+                window = {k.removeprefix("window_"): feature[k][w] for k in feature if k.startswith("window_")}
+                word_index.append(window.pop("word_index"))
+                windows.append(window)
+                owner.append(sentence)
+        batch = dict(self.collator(windows))
+        word_labels = [f["word_labels"] for f in features]
+        batch["word_index"] = _pad(word_index, batch["input_ids"].shape[1], self.tokenizer.padding_side)
+        batch["word_labels"] = _pad(word_labels, max(map(len, word_labels), default=0), "right")
+        batch["window_document"] = torch.tensor(owner)
         return batch
 
 

@@ -11,7 +11,7 @@ from transformers import AutoModelForTokenClassification
 
 from lightning_ft.metrics.entity import EntityScores, is_entity_scheme
 from lightning_ft.tasks.base import TaskModule, label_maps
-from lightning_ft.tasks.ner.data import IGNORE, first_subtoken_index, require_fast_tokenizer
+from lightning_ft.tasks.ner.data import IGNORE, first_subtoken_index, require_fast_tokenizer, word_windows
 
 
 def read_word_tags(predicted: Sequence[int], index: Sequence[int], words: int, id2label: dict[int, str]) -> list[str]:
@@ -34,7 +34,7 @@ class TokenClassificationTask(TaskModule):
     """
 
     auto_class = AutoModelForTokenClassification
-    non_model_keys = ("word_index", "word_labels")
+    non_model_keys = ("word_index", "word_labels", "window_document")
 
     def __init__(
         self, *, num_labels: int, id2label: dict[int, str], label_column: str = "ner_tags", **kwargs: Any
@@ -57,25 +57,60 @@ class TokenClassificationTask(TaskModule):
         gold = [[self.id2label[i] for i in row[row != IGNORE].tolist()] for row in gold_ids]
         predicted = outputs.logits.argmax(-1).cpu().tolist()
         index = batch["word_index"].cpu().tolist()
-        metrics.update([read_word_tags(p, i, len(g), self.id2label) for p, i, g in zip(predicted, index, gold)], gold)
+        if "window_document" not in batch:
+            metrics.update([read_word_tags(p, i, len(g), self.id2label) for p, i, g in zip(predicted, index, gold)],
+                           gold)
+            return
+        # Windowed sentences: each word is read from the one window that names it (word_windows' "chosen").
+        tags = [["O"] * len(g) for g in gold]
+        for p, i, sentence in zip(predicted, index, batch["window_document"].tolist()):
+            for label, word in zip(p, i):
+                if word >= 0:
+                    tags[sentence][word] = self.id2label[label]
+        metrics.update(tags, gold)
 
-    def tag(self, sentences: list[list[str]], tokenizer: Any, batch_size: int = 32, max_length: int = 512):
+    def _eval_step(self, stage: str, batch: dict) -> None:
+        if "window_document" not in batch:
+            return super()._eval_step(stage, batch)
+        sentences = len(batch["word_labels"])
+        own = self.own_rows(stage, sentences)
+        if own < sentences:  # under DDP (never packed): keep this rank's own sentences and their windows
+            if own == 0:
+                return
+            keep = batch["window_document"] < own
+            batch = {k: v[:own] if k == "word_labels" else v[keep] if len(v) == len(keep) else v
+                     for k, v in batch.items()}
+        outputs = self(**batch)
+        self.eval_loss[stage].update(outputs.loss.detach().float(), int((batch["labels"] != IGNORE).sum()))
+        self.update_metrics(self.metrics[stage], outputs, batch)
+
+    def tag(self, sentences: list[list[str]], tokenizer: Any, batch_size: int = 32, max_length: int = 512,
+            stride: int | None = None):
         """Tag pre-split sentences with the module's model, as ``predict`` does with the exported one."""
-        return tag_sentences(self.model, tokenizer, sentences, batch_size=batch_size, max_length=max_length)
+        return tag_sentences(self.model, tokenizer, sentences, batch_size=batch_size, max_length=max_length,
+                             stride=stride)
 
 
 # ---- prediction, shared by the module, the predict command and the tests ------------------------------------------
 @torch.no_grad()
 def tag_sentences(
-    model: Any, tokenizer: Any, sentences: list[list[str]], batch_size: int = 32, max_length: int = 512
+    model: Any, tokenizer: Any, sentences: list[list[str]], batch_size: int = 32, max_length: int = 512,
+    stride: int | None = None,
 ) -> tuple[list[list[str]], int]:
-    """Tags for every word of every sentence, and how many words were beyond ``max_length`` (tagged ``O``)."""
+    """Tags for every word of every sentence, and how many words were beyond ``max_length`` (tagged ``O``). With a
+    ``stride``, a longer sentence is read in overlapping windows (``word_windows``) and no word is lost."""
     require_fast_tokenizer(tokenizer)
     was_training = model.training
     model.eval()
     id2label = label_maps(model.config.id2label)["id2label"]
     tags, lost = [], 0
     device = next(model.parameters()).device
+    if stride is not None:
+        tags = [_tag_windows(model, tokenizer, chunk, max_length, stride, id2label, device)
+                for start in range(0, len(sentences), batch_size)
+                for chunk in [sentences[start:start + batch_size]]]
+        model.train(was_training)
+        return [t for chunk in tags for t in chunk], 0
     for start in range(0, len(sentences), batch_size):
         chunk = sentences[start:start + batch_size]
         encoding = tokenizer(chunk, is_split_into_words=True, truncation=True, max_length=max_length,
@@ -88,3 +123,21 @@ def tag_sentences(
             lost += len(words) - sum(word >= 0 for word in index)
     model.train(was_training)
     return tags, lost
+
+
+def _tag_windows(model: Any, tokenizer: Any, sentences: list[list[str]], max_length: int, stride: int,
+                 id2label: dict[int, str], device: Any) -> list[list[str]]:
+    windows = word_windows(tokenizer, sentences, max_length, stride)
+    flat = [(sentence, window) for sentence, these in enumerate(windows) for window in these]
+    keys = [k for k in flat[0][1] if k not in ("first", "chosen", "word_ids")]
+    encoding = tokenizer.pad([{k: window[k] for k in keys} for _, window in flat], return_tensors="pt")
+    predicted = model(**{k: v.to(device) for k, v in encoding.items()}).logits.argmax(-1).cpu().tolist()
+    left = tokenizer.padding_side == "left"
+    tags = [["O"] * len(words) for words in sentences]
+    for (sentence, window), row in zip(flat, predicted):
+        chosen = window["chosen"]
+        offset = len(row) - len(chosen) if left else 0
+        for position, word in enumerate(chosen):
+            if word >= 0:
+                tags[sentence][word] = id2label[row[position + offset]]
+    return tags

@@ -74,13 +74,24 @@ class TagOptions:
 
     column: str | None = column_option(None, help="the raw-text column (default: text)")
     tokens_column: str | None = column_option(None, help="the column of pre-split words (default: tokens)")
-    max_length: int = option(512, "sub-tokens seen of each sentence; words beyond are tagged O")
+    max_length: int = option(512, "sub-tokens seen of each sentence (of each window, with long_inputs=window); words "
+                                  "beyond are tagged O")
+    long_inputs: str = option("truncate", "truncate: words beyond max_length are tagged O; window: a long sentence "
+                                          "is read in overlapping windows (the model's training setting when it "
+                                          "was trained so)")
+    stride: int = option(32, "long_inputs=window: sub-tokens shared by neighbouring windows")
 
 
 def check_rows(rows: list[dict], source: Path, tokenizer: Any, *, column: str | None, tokens_column: str | None,
-               **_: Any) -> None:
+               max_length: int = 512, long_inputs: str = "truncate", stride: int = 32, **_: Any) -> None:
     """Every row needs pre-split words (``tokens``) or raw text (``text``), and the tokenizer must be a fast one."""
     require_fast_tokenizer(tokenizer)
+    if long_inputs not in ("truncate", "window"):
+        raise UserError(f"long_inputs={long_inputs} is not truncate or window.")
+    room = min(max_length, tokenizer.model_max_length) - tokenizer.num_special_tokens_to_add()
+    if long_inputs == "window" and not 0 <= stride < room:
+        raise UserError(f"stride={stride} leaves no new sub-tokens in a window of {max_length} ({room} after the "
+                        f"special tokens): give a stride below {room}.")
     tokens_key, text_key = tokens_column or "tokens", column or "text"
     for number, row in enumerate(rows, start=1):
         try:
@@ -94,13 +105,15 @@ def check_rows(rows: list[dict], source: Path, tokenizer: Any, *, column: str | 
 
 @torch.no_grad()
 def predict_rows(model: Any, tokenizer: Any, rows: list[dict], *, column: str | None, tokens_column: str | None,
-                 max_length: int, stats: Any = None) -> list[dict]:
+                 max_length: int, long_inputs: str = "truncate", stride: int = 32, stats: Any = None) -> list[dict]:
     """Tags and entities for each row: its ``tokens`` list (pre-split words; entity ``start``/``end`` are word
     indices, end exclusive) or else its ``text`` (split into words as the tokenizer splits them; entity
     ``start``/``end`` are character offsets). Words beyond ``max_length`` sub-tokens are tagged ``O`` (counted in
-    ``stats["words_cut"]``)."""
+    ``stats["words_cut"]``), unless ``long_inputs=window`` reads them in overlapping windows."""
     records = [_words_of(tokenizer, row, tokens_column or "tokens", column or "text") for row in rows]
-    tags, lost = tag_sentences(model, tokenizer, [r["tokens"] for r in records], len(rows) or 1, max_length)
+    tags, lost = tag_sentences(model, tokenizer, [r["tokens"] for r in records], len(rows) or 1,
+                               min(max_length, tokenizer.model_max_length),
+                               stride=stride if long_inputs == "window" else None)
     if stats is not None:
         stats["words"] += sum(len(r["tokens"]) for r in records)
         stats["words_cut"] += lost
