@@ -32,6 +32,7 @@ class RunPlan:
         resume_step: the global step a training run continues from (None: a fresh start).
         precision: the Trainer's precision, ``auto`` resolved for this device.
         skip_nonfinite: skip a training step whose loss is NaN/inf instead of stopping.
+        compile: train the model through ``torch.compile`` (``lightning_ft.compiling``).
         monitor, monitor_mode: the metric that picks the best checkpoint (after ``monitoring``).
         command: the command line recorded in ``environment.json``.
     """
@@ -47,6 +48,7 @@ class RunPlan:
     resume_step: int | None
     precision: str
     skip_nonfinite: bool
+    compile: bool = False
     command: list[str] | None = None
     monitor: str | None = None
     monitor_mode: str | None = None
@@ -91,12 +93,16 @@ def plan_run(cfg: DictConfig, command: list[str] | None = None, rank: int = 0) -
     if rank == 0:  # the other ranks work in rank 0's directory
         run_dir = settle_run_dir(run_dir, train=bool(cfg.train), resume=cfg.get("resume"), ckpt_path=ckpt_path)
     check_devices(cfg.trainer)
+    if not isinstance(cfg.get("compile", False), bool):
+        raise UserError(f"compile={cfg.get('compile')!r} is not true or false: compile=true trains the model through "
+                        "torch.compile.")
     plan = RunPlan(
         run_dir=run_dir, rank=rank, seed=int(cfg.seed), train=bool(cfg.train), test=bool(cfg.test),
         export=bool(cfg.export), validate_before=bool(cfg.get("validate_before")), ckpt_path=ckpt_path,
         resume_step=int(checkpoint.get("global_step", 0)) if checkpoint is not None and cfg.train else None,
         precision=str(resolve_precision(cfg.trainer.get("precision", "auto"), cfg.trainer.get("accelerator", "auto"))),
-        skip_nonfinite=bool(cfg.get("skip_nonfinite", False)), command=command,
+        skip_nonfinite=bool(cfg.get("skip_nonfinite", False)), compile=bool(cfg.get("compile", False)),
+        command=command,
         monitor=cfg.get("monitor"), monitor_mode=cfg.get("monitor_mode"),
     )
     return plan, checkpoint

@@ -160,6 +160,8 @@ def write_report(run_dir: Path, cfg: dict[str, Any], results: dict[str, Any], re
                                         f"{speed['examples_per_row']:.1f} examples a row"))
         if "mfu" in speed:
             rows.append(("MFU", f"{speed['mfu']:.1%}"))
+        if "compile_graphs" in speed:
+            rows.append(("torch.compile", f"{speed['compile_graphs']} graphs in {speed['compile_seconds']:.1f} s"))
         lines += ["## Throughput", "", *_table(rows, ("measure", "value")), ""]
     wall = results.get("wall_seconds")
     lines += ["## Time", "", f"Wall time of this process: {wall:.1f} s." if wall is not None else ""]
@@ -278,6 +280,8 @@ def print_summary(results: dict[str, Any], run_dir: Path) -> None:
             + (f", packed rows {speed['packing_efficiency']:.1%} full ({speed['examples_per_row']:.1f} examples a "
                "row)" if "packing_efficiency" in speed else "")
             + (f", MFU {speed['mfu']:.1%}" if "mfu" in speed else "")
+            + (f", torch.compile {speed['compile_graphs']} graphs in {speed['compile_seconds']:.1f} s"
+               if "compile_graphs" in speed else "")
             + f"; first step {speed['seconds_to_first_step']:.1f} s after start-up."
         )
     data = results.get("data")

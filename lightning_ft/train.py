@@ -145,6 +145,7 @@ def _run(cfg: DictConfig, plan: Any, saved_checkpoint: dict[str, Any] | None) ->
     import torch
 
     from lightning_ft import tasks
+    from lightning_ft.compiling import compile_model
     from lightning_ft.launch import cluster_environment, mark_data_ready, wait_for_rank_zero_data
     from lightning_ft.lifecycle import (
         AtomicCheckpointIO,
@@ -207,6 +208,7 @@ def _run(cfg: DictConfig, plan: Any, saved_checkpoint: dict[str, Any] | None) ->
     if plan.skip_nonfinite and trainer.world_size > 1:
         raise UserError("skip_nonfinite=true works on one device only (a step skipped on one rank would hang the "
                         "others' gradient all-reduce): leave it false with several devices.")
+    compiled = compile_model(module.model, trainer.strategy.root_device.type) if plan.compile and plan.train else None
     # The callback keeping the best checkpoint by the monitored metric (not the one keeping last.ckpt).
     checkpoint = next((cb for cb in trainer.checkpoint_callbacks if cb.monitor == plan.monitor), None)
 
@@ -223,6 +225,10 @@ def _run(cfg: DictConfig, plan: Any, saved_checkpoint: dict[str, Any] | None) ->
         throughput = next((cb for cb in trainer.callbacks if isinstance(cb, ThroughputMonitor)), None)
         if throughput is not None and throughput.summary:
             results["throughput"] = throughput.summary
+        if compiled is not None:  # what training compiled (evaluation, run compiled too, may add its own graphs)
+            counts = {"compile_graphs": compiled.graphs, "compile_seconds": round(compiled.seconds, 2)}
+            results["throughput" if "throughput" in results else "compile"] = {**results.get("throughput", {}),
+                                                                              **counts}
     best_path = checkpoint.best_model_path if checkpoint and checkpoint.best_model_path else None
     weights = best_path if plan.train else plan.ckpt_path
     if weights:  # test and export the best weights, not the last ones

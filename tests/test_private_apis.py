@@ -445,3 +445,44 @@ def test_omegaconf_get_node_returns_children_unresolved():
     assert kinds == {"nested": True, "env": False, "hydra_only": False, "alias": False, "missing": False,
                      "plain": False}
     assert config._get_node("nested")._get_node("leaf")._value() == 1
+
+
+# ---- torch -------------------------------------------------------------------------------------------------------
+
+
+def test_inductors_compile_fx_is_a_torch_compile_backend_that_trains():
+    """lightning_ft/compiling.py, ``compile_model``: ``torch._inductor.compile_fx.compile_fx(graph, example_inputs)``
+    is what ``backend="inductor"`` runs, callable from a backend of one's own (which counts and times it): the
+    compiled module computes the eager outputs and gradients."""
+    from torch._inductor.compile_fx import compile_fx
+
+    calls = []
+
+    def backend(graph, example_inputs):
+        calls.append(len(example_inputs))
+        return compile_fx(graph, example_inputs)
+
+    class TwoLayers(torch.nn.Module):  # not nn.Sequential: dynamo does not trace torch's own modules' code
+        def __init__(self, first, second):
+            super().__init__()
+            self.first, self.second = first, second
+
+        def forward(self, x):
+            return self.second(torch.nn.functional.gelu(self.first(x)))
+
+    torch.manual_seed(0)
+    eager = TwoLayers(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    compiled = TwoLayers(eager.first, eager.second)  # the same parameters
+    compiled.compile(backend=backend)
+    x = torch.randn(3, 4)
+    expected = eager(x)
+    expected.sum().backward()
+    grads = [p.grad.clone() for p in eager.parameters()]
+    eager.zero_grad()
+    got = compiled(x)
+    got.sum().backward()
+    assert calls, "the backend was never called"
+    torch.testing.assert_close(got, expected)
+    for p, g in zip(compiled.parameters(), grads):
+        torch.testing.assert_close(p.grad, g)
+    assert list(compiled.state_dict()) == list(eager.state_dict())  # nn.Module.compile keeps the names
