@@ -47,11 +47,12 @@ TASKS = {
               "title": "CoNLL-2003 NER, entity-level micro F1 on all 3,250 dev sentences"},
 }
 SIDES = ("hf_trainer", "lightning_ft", "lightning_ft_shuffled", "lightning_ft_grouped", "lightning_ft_packed",
-         "hf_trainer_grouped")
+         "lightning_ft_compiled", "hf_trainer_grouped")
 # What each lightning_ft side changes in its shipped dataset config (packed, where the backbone allows, for both tasks).
 BATCHING = {"lightning_ft": [], "lightning_ft_packed": ["dataset.packing=true"],
             "lightning_ft_shuffled": ["dataset.packing=false", "dataset.group_by_length=false"],
-            "lightning_ft_grouped": ["dataset.packing=false", "dataset.group_by_length=true"]}
+            "lightning_ft_grouped": ["dataset.packing=false", "dataset.group_by_length=true"],
+            "lightning_ft_compiled": ["compile=true"]}  # the shipped batches, the model through torch.compile
 
 
 def lightning_ft_run(task: str, epochs: int, train_rows: int | None, precision: str, seed: int,
@@ -63,10 +64,15 @@ def lightning_ft_run(task: str, epochs: int, train_rows: int | None, precision: 
             "conll": ["task=ner", "dataset=conll2003", f"dataset.data_dir={DATA / 'conll2003'}"]}[task]
     overrides = [*data, f"dataset.batch_size={BATCH}", f"dataset.max_length={MAX_LEN}", f"optim.lr={spec['lr']}",
                  f"optim.weight_decay={spec['weight_decay']}", "scheduler.warmup_ratio=0.0"]
-    overrides += batching
+    compiled = "compile=true" in batching
+    overrides += [b for b in batching if b != "compile=true"]  # compile is train.py's step, taken here below
     if train_rows:
         overrides.append(f"dataset.max_train_examples={train_rows}")
     module, datamodule = lightning_ft_module(overrides, seed)
+    if compiled:
+        from lightning_ft.compiling import compile_model
+
+        compiled = compile_model(module.model, "cpu")
     import pytorch_lightning as pl
 
     timer, monitor = lightning_timer(), ThroughputMonitor()
@@ -79,7 +85,8 @@ def lightning_ft_run(task: str, epochs: int, train_rows: int | None, precision: 
     scores = evaluator.validate(module, datamodule=datamodule, verbose=False)[0]
     return {"seconds": timer.seconds, "samples": timer.samples, "tokens": timer.tokens,
             "real_tokens": timer.real_tokens, "metric": scores[f"val/{spec['metric']}"],
-            "data_wait": monitor.summary["data_wait"]}
+            "data_wait": monitor.summary["data_wait"],
+            **({"compile_graphs": compiled.graphs, "compile_seconds": compiled.seconds} if compiled else {})}
 
 
 def _sst2_hf(tokenizer, train_rows: int | None):
@@ -232,8 +239,9 @@ def main() -> None:
                     r = run(side, task, args.epochs, rows_for[task], precision, seed=42 + repeat)
                     runs[side].append(r)
                     print(f"[{task} {precision} seed {42 + repeat}] {side}: {r['samples'] / r['seconds']:.1f} "
-                          f"samples/s, padding {1 - r['real_tokens'] / r['tokens']:.1%}, dev {r['metric']:.4f}",
-                          flush=True)
+                          f"samples/s, padding {1 - r['real_tokens'] / r['tokens']:.1%}, dev {r['metric']:.4f}"
+                          + (f", compiled {r['compile_graphs']} graphs in {r['compile_seconds']:.1f} s"
+                             if "compile_graphs" in r else ""), flush=True)
             reference = statistics.median(r["samples"] / r["seconds"] for r in runs[sides[0]])
             for side in sides:
                 rates = [r["samples"] / r["seconds"] for r in runs[side]]
@@ -249,6 +257,12 @@ def main() -> None:
                     f" | {', '.join(f'{m:.4f}' for m in metrics)} |")
         paired = []
         for precision in args.precision:
+            for side, results in runs_by[precision].items():
+                if "compile_graphs" in results[0]:  # compiling happens in the first steps: inside the timed training
+                    paired.append(f"\n{side}, {precision}: torch.compile compiled "
+                                  f"{', '.join(str(r['compile_graphs']) for r in results)} graphs in "
+                                  f"{', '.join(str(round(r['compile_seconds'])) for r in results)} s per seed "
+                                  "(inside its train minutes).")
             paired += [f"\nDev metric over the seeds, {precision}, paired with {sides[0]} on the same seed:\n",
                        *paired_table(sides[0], {side: [r["metric"] for r in runs_by[precision][side]]
                                                 for side in sides})]

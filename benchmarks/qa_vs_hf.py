@@ -45,6 +45,7 @@ from common import (  # noqa: E402
     hf_timer,
     lightning_ft_module,
     lightning_timer,
+    paired_table,
     report_heading,
 )
 
@@ -118,14 +119,14 @@ def squad_rows(path: Path):
 
 
 # ---- lightning_ft ------------------------------------------------------------------------------------------------
-def lightning_ft_qa(paths: dict[str, Path], epochs: int, precision: str, out: Path) -> dict:
+def lightning_ft_qa(paths: dict[str, Path], epochs: int, precision: str, out: Path, seed: int = 42) -> dict:
     import pytorch_lightning as pl
 
     overrides = ["experiment=minilm_squad", "dataset.data_dir=null", "dataset.hub_name=null",
                  f"+dataset.data_files={{train: {paths['train']}, validation: {paths['validation']}}}",
                  f"dataset.batch_size={BATCH}", f"optim.lr={LR}", f"optim.weight_decay={DECAY}",
                  f"scheduler.warmup_ratio={WARMUP}", f"dataset.max_length={MAX_LEN}", f"dataset.doc_stride={STRIDE}"]
-    module, datamodule = lightning_ft_module(overrides, seed=42)
+    module, datamodule = lightning_ft_module(overrides, seed=seed)
     timer = lightning_timer()
     trainer = pl.Trainer(accelerator="cpu", devices=1, precision=precision, max_epochs=epochs, gradient_clip_val=1.0,
                          limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
@@ -211,7 +212,7 @@ def hf_postprocess(examples, features, start_logits, end_logits) -> dict[str, st
     return predictions
 
 
-def hf_trainer_qa(paths: dict[str, Path], epochs: int, precision: str, out: Path) -> dict:
+def hf_trainer_qa(paths: dict[str, Path], epochs: int, precision: str, out: Path, seed: int = 42) -> dict:
     from transformers import AutoModelForQuestionAnswering, AutoTokenizer, Trainer, TrainingArguments, set_seed
 
     from lightning_ft.backbones import resolve_name
@@ -221,7 +222,7 @@ def hf_trainer_qa(paths: dict[str, Path], epochs: int, precision: str, out: Path
     train_rows = squad_rows(paths["train"])
     train = train_rows.map(lambda b: hf_features(tokenizer, b, True), batched=True,
                            remove_columns=train_rows.column_names)
-    set_seed(42)
+    set_seed(seed)
     model = AutoModelForQuestionAnswering.from_pretrained(model_dir)
     counts = {"samples": 0, "tokens": 0, "real_tokens": 0}
     timer = hf_timer(counts)
@@ -238,7 +239,7 @@ def hf_trainer_qa(paths: dict[str, Path], epochs: int, precision: str, out: Path
         output_dir=str(out), per_device_train_batch_size=BATCH, per_device_eval_batch_size=2 * BATCH,
         learning_rate=LR, weight_decay=DECAY, max_grad_norm=1.0, num_train_epochs=epochs, lr_scheduler_type="linear",
         warmup_steps=WARMUP, logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[],
-        use_cpu=True, seed=42, dataloader_num_workers=0, disable_tqdm=True, bf16=precision == "bf16-mixed",
+        use_cpu=True, seed=seed, dataloader_num_workers=0, disable_tqdm=True, bf16=precision == "bf16-mixed",
     )
     trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collate, callbacks=[timer])
     trainer.train()
@@ -403,6 +404,10 @@ def hf_trainer_obqa(precision: str, out: Path) -> dict:
 
 
 # ---- report --------------------------------------------------------------------------------------------------------
+def listed(values, digits: int = 2) -> str:
+    return ", ".join(f"{v:.{digits}f}" for v in values)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=1)
@@ -410,7 +415,10 @@ def main() -> None:
     parser.add_argument("--train-questions", type=int, default=4000,
                         help="a fixed random draw of N of the 8,582 training questions (0: all); 4,000 take the HF "
                              "side about 30 minutes here")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["squad", "memory", "obqa"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["squad", "cross", "memory", "obqa"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42],
+                        help="SQuAD: train both sides with each seed (the same seeds for both) and report the paired "
+                             "differences; the cross-evaluation and memory steps use the first seed's models")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reuse", help="the folder of an earlier run (printed at its start): evaluate the models it "
                                         "trained, with the training figures it saved, instead of training again")
@@ -438,16 +446,21 @@ def main() -> None:
     print(f"run folder: {folder}", flush=True)
     lines = []
     if "squad" not in args.skip:
-        runs = {}
-        for side, run in (("hf_trainer", hf_trainer_qa), ("lightning_ft", lightning_ft_qa)):
-            saved = folder / f"train_{side}.json"
-            if not args.reuse:
-                saved.write_text(json.dumps(run(paths, args.epochs, precision, folder / f"model_{side}")))
-            runs[side] = json.loads(saved.read_text())
-            print(side, runs[side], flush=True)
+        runs, by_seed = {}, {"hf_trainer": [], "lightning_ft": []}
+        for seed in args.seeds:  # the same seeds for both sides; the first seed's files keep their old names
+            tag = "" if seed == args.seeds[0] else f"_seed{seed}"
+            for side, run in (("hf_trainer", hf_trainer_qa), ("lightning_ft", lightning_ft_qa)):
+                saved = folder / f"train_{side}{tag}.json"
+                if not (args.reuse and saved.is_file()):
+                    saved.write_text(json.dumps(run(paths, args.epochs, precision, folder / f"model_{side}{tag}",
+                                                    seed=seed)))
+                by_seed[side].append(json.loads(saved.read_text()))
+                print(side, seed, by_seed[side][-1], flush=True)
+        runs = {side: results[0] for side, results in by_seed.items()}
         # Each model scored by both evaluations: separates what training did from what post-processing does.
-        cross = {(evaluator, model): evaluate_model(evaluator, folder / f"model_{model}", paths, "validation",
-                                                    precision) for evaluator in runs for model in runs}
+        cross = {} if "cross" in args.skip else {
+            (evaluator, model): evaluate_model(evaluator, folder / f"model_{model}", paths, "validation", precision)
+            for evaluator in runs for model in runs}
         lines += [
             f"\nSQuAD v1.1, trained on the first {TRAIN_ARTICLES} dev articles "
             f"({f'a fixed random draw of {limit} of their 8,582' if limit else 'all 8,582'} questions), "
@@ -461,14 +474,26 @@ def main() -> None:
             lines.append(f"| {side} | {r['exact_match']:.2f} | {r['f1']:.2f} | {rate:.1f} | {rate / base:.2f} | "
                          f"{1 - r['real_tokens'] / r['tokens']:.1%} | {r['seconds'] / 60:.1f} | "
                          f"{r['eval_seconds']:.0f} |")
-        lines += [
-            "\nEach trained model evaluated on the held-out articles by both evaluations (lightning_ft: its module, "
-            "per-window top-20 candidates, its SQuAD metric; HF: Trainer.predict, utils_qa post-processing, the "
-            "official script):\n",
-            "| model trained by | EM / F1, lightning_ft evaluation | EM / F1, HF evaluation |", "|---|---|---|",
-            *[f"| {model} | {ours['exact_match']:.2f} / {ours['f1']:.2f} | {hf['exact_match']:.2f} / {hf['f1']:.2f} |"
-              for model in runs for ours, hf in [(cross["lightning_ft", model], cross["hf_trainer", model])]],
-        ]
+        if len(args.seeds) > 1:
+            lines += [f"\nOver seeds {', '.join(map(str, args.seeds))} (the table above: seed {args.seeds[0]}), "
+                      "each side's own evaluation, paired by seed:\n",
+                      "| run | EM per seed | F1 per seed | train windows/s per seed |", "|---|---|---|---|",
+                      *[f"| {side} | {listed(r['exact_match'] for r in rs)} | {listed(r['f1'] for r in rs)} | "
+                        f"{listed((r['windows'] / r['seconds'] for r in rs), 1)} |" for side, rs in by_seed.items()],
+                      "\nF1:\n", *paired_table("hf_trainer", {s: [r["f1"] for r in rs] for s, rs in by_seed.items()},
+                                                digits=2),
+                      "\nEM:\n", *paired_table("hf_trainer", {s: [r["exact_match"] for r in rs]
+                                                              for s, rs in by_seed.items()}, digits=2)]
+        if cross:
+            lines += [
+                "\nEach trained model evaluated on the held-out articles by both evaluations (lightning_ft: its "
+                "module, per-window top-20 candidates, its SQuAD metric; HF: Trainer.predict, utils_qa "
+                "post-processing, the official script):\n",
+                "| model trained by | EM / F1, lightning_ft evaluation | EM / F1, HF evaluation |", "|---|---|---|",
+                *[f"| {model} | {ours['exact_match']:.2f} / {ours['f1']:.2f} | {hf['exact_match']:.2f} / "
+                  f"{hf['f1']:.2f} |"
+                  for model in runs for ours, hf in [(cross["lightning_ft", model], cross["hf_trainer", model])]],
+            ]
         if "memory" not in args.skip:
             memory = {side: measure_memory(side, folder / f"model_{side}", folder, precision, args.threads)
                       for side in runs}

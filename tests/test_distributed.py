@@ -36,15 +36,16 @@ def _odd_sized_copy(task: str, folder):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task", ["text_classification", "ner", "sft"])
-def test_two_ranks_train_into_one_run_dir_and_evaluate_like_one_process(task, tmp_path, monkeypatch):
+@pytest.mark.parametrize("task,extra", [("text_classification", []), ("ner", []), ("sft", []),
+                                        ("text_classification", ["peft=lora"])])
+def test_two_ranks_train_into_one_run_dir_and_evaluate_like_one_process(task, extra, tmp_path, monkeypatch):
     data = _odd_sized_copy(task, tmp_path / "data")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))  # rank 0 tokenizes afresh
     tiny = (["backbone=tiny_gpt2", "dataset.chat_template=chatml", "dataset.max_length=256", "task.max_new_tokens=8",
              "task.generate_limit=10", "dataset.eval_batch_size=1"] if task == "sft" else [])
     quick = [a for a in QUICK if not (tiny and a.startswith("backbone="))]
     common = [f"task={task}", f"dataset.data_dir={data}", *quick, *tiny, "trainer.limit_val_batches=1.0",
-              "test=false", "trainer.precision=32-true"]
+              "test=false", "trainer.precision=32-true", *extra]
     result = run_cli([*common, "trainer=ddp_sim", "run_dir=ddp"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "ddp"

@@ -163,7 +163,12 @@ def test_a_lora_run_resumes_where_it_stopped_as_if_never_interrupted(data_dir, t
 
 @pytest.mark.parametrize("task,backbone,auto,extra", [
     ("ner", "tiny_bert", "AutoModelForTokenClassification", []),
+    ("qa", "tiny_bert", "AutoModelForQuestionAnswering", []),
+    ("multiple_choice", "tiny_bert", "AutoModelForMultipleChoice", []),
     ("clm", "tiny_gpt2", "AutoModelForCausalLM", []),
+    ("sft", "tiny_gpt2", "AutoModelForCausalLM", ["dataset.chat_template=chatml", "dataset.max_length=256",
+                                                  "task.max_new_tokens=8", "task.generate_limit=4",
+                                                  "task.test_generate_limit=4"]),
     ("translation", "tiny_t5", "AutoModelForSeq2SeqLM", ["task.max_new_tokens=8", "task.num_beams=2"]),
 ])
 def test_lora_works_for_every_kind_of_head(tmp_path, task, backbone, auto, extra):
@@ -178,8 +183,9 @@ def test_lora_works_for_every_kind_of_head(tmp_path, task, backbone, auto, extra
     assert 0 < metrics["parameters"]["trainable_share"] < 0.2
     keys = state_dict_of(tmp_path / "checkpoints" / "last.ckpt")
     head = [k for k in keys if "modules_to_save" in k]
-    # a token classifier's head trains in full; a language model's output layer (tied to the embeddings) does not
-    assert bool(head) == (task == "ner") and all("lora_" in k for k in set(keys) - set(head) - {FROZEN_CHECKSUM})
+    # a task's own head trains in full; a language model's output layer (tied to the embeddings) does not
+    assert bool(head) == (task in ("ner", "qa", "multiple_choice"))
+    assert all("lora_" in k for k in set(keys) - set(head) - {FROZEN_CHECKSUM})
 
     # the merged export computes what the trained module computes
     module = tasks.get(task).module.load_from_checkpoint(metrics["best_model_path"], map_location="cpu").eval()
@@ -187,8 +193,12 @@ def test_lora_works_for_every_kind_of_head(tmp_path, task, backbone, auto, extra
     inputs = {"input_ids": torch.tensor([[5, 6, 7, 8, 9, 10]]), "attention_mask": torch.ones(1, 6, dtype=torch.long)}
     if task == "translation":
         inputs["decoder_input_ids"] = torch.tensor([[0, 5, 6]])
+    if task == "multiple_choice":  # one question, two choices
+        inputs = {k: torch.stack([v, v.flip(-1) if k == "input_ids" else v], 1) for k, v in inputs.items()}
     with torch.no_grad():
-        torch.testing.assert_close(exported(**inputs).logits, module.model(**inputs).logits, rtol=1e-5, atol=1e-5)
+        mine, theirs = module.model(**inputs), exported(**inputs)
+    for name in ("start_logits", "end_logits") if task == "qa" else ("logits",):
+        torch.testing.assert_close(getattr(theirs, name), getattr(mine, name), rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_peft_merge_false_writes_an_adapter_directory_that_peft_loads_on_its_base(data_dir, tmp_path):

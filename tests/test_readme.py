@@ -90,7 +90,14 @@ def placeholders(tmp_path_factory, tiny_pretrained):
     TranslationTask(backbone={"name": None, "pretrained": False, "model_type": "t5", "tokenizer": str(translation),
                               "config_overrides": {"d_model": 32, "d_kv": 16, "d_ff": 64, "num_layers": 1,
                                                    "num_heads": 2}}, max_new_tokens=8).export(translation, tokenizer)
-    return {"<your data dir>": str(data), "<model dir>": tiny_pretrained, "<exported dir>": tiny_pretrained,
+    mrpc = tmp_path_factory.mktemp("user_mrpc")  # GLUE's layout: a byte-order mark on the header, bare quotes
+    lines = [f"{i % 2}\t{i}\t{i + 1}\tthe \"{topics[i % 5]}\" story {i}\t{topics[i % 5]} again, item {i}"
+             for i in range(30)]
+    for split in ("train", "dev"):
+        (mrpc / f"{split}.tsv").write_text("\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n" + "\n".join(lines)
+                                           + "\n", encoding="utf-8")
+    return {"<your MRPC dir>": str(mrpc), "<your data dir>": str(data), "<model dir>": tiny_pretrained,
+            "<exported dir>": tiny_pretrained,
             "<your pairs dir>": str(pairs), "<exported similarity dir>": str(similarity),
             "<your squad dir>": str(squad), "<your squad v2 dir>": str(squad_v2), "<exported qa dir>": str(qa_export),
             "<your seq2seq dir>": str(seq2seq), "<exported translation dir>": str(translation),

@@ -1,0 +1,224 @@
+"""LoRA against full fine-tuning, and lightning_ft's LoRA against the Hugging Face Trainer with the same peft config.
+
+MiniLM on SST-2 (the first ``--train-rows`` train rows, 1 epoch, bf16): lightning_ft full fine-tuning, lightning_ft
+``peft=lora`` at r 8 and r 16, and the HF Trainer (compare_hf.py's run_glue side) with peft's ``get_peft_model`` and
+the very ``LoraConfig`` lightning_ft builds (its target layers, alpha 16, dropout 0.05, the classifier in
+``modules_to_save``). Each side trains at each learning rate of ``--lrs`` and is reported at its best; each run is
+a fresh child process, so its peak resident memory is its own. Checkpoint size: what a run saves to resume
+(lightning_ft: its checkpoint, weights that train and their optimizer state; the HF Trainer: ``save_model``, the
+adapter and head).
+
+SmolLM2-135M-Instruct (``backbone=smollm2_gguf``) as a causal LM on Tiny Shakespeare: full fine-tuning against
+LoRA, with and without gradient checkpointing, the same ``--lm-steps`` steps: train tokens/s, peak resident memory,
+validation perplexity.
+
+    python benchmarks/peft_vs_full.py --train-rows 4000 --lrs 5e-5 5e-4 --lm-steps 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from common import (  # noqa: E402
+    MINILM,
+    ROOT,
+    append_report,
+    hf_timer,
+    lightning_ft_module,
+    lightning_timer,
+    report_heading,
+    timed_trainer,
+)
+
+DATA = ROOT.parent / "shared" / "data"
+BATCH, MAX_LEN = 32, 128
+SIDES = {"full": [], "lora_r8": ["peft=lora", "peft.r=8"], "lora_r16": ["peft=lora", "peft.r=16"]}
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def lightning_ft_sst2(side: str, lr: float, rows: int, seed: int) -> dict:
+    import pytorch_lightning as pl
+
+    overrides = ["dataset=sst2", f"dataset.data_dir={DATA / 'glue_sst2'}", f"dataset.batch_size={BATCH}",
+                 f"dataset.max_length={MAX_LEN}", f"optim.lr={lr}", "optim.weight_decay=0.01",
+                 "scheduler.warmup_ratio=0.0", f"dataset.max_train_examples={rows}", *SIDES[side]]
+    module, datamodule = lightning_ft_module(overrides, seed)
+    timer = lightning_timer()
+    trainer = timed_trainer(timer, max_epochs=1, precision="bf16-mixed")
+    trainer.fit(module, datamodule=datamodule)
+    with tempfile.TemporaryDirectory() as folder:
+        trainer.save_checkpoint(Path(folder) / "run.ckpt")
+        size = (Path(folder) / "run.ckpt").stat().st_size
+    evaluator = pl.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False, enable_progress_bar=False,
+                           enable_model_summary=False)
+    accuracy = evaluator.validate(module, datamodule=datamodule, verbose=False)[0]["val/accuracy"]
+    trainable, total = module.trainable_parameters
+    return {"metric": accuracy, "samples_per_sec": timer.samples / timer.seconds, "checkpoint_mb": size / 2**20,
+            "trainable": trainable, "total": total}
+
+
+def hf_peft_sst2(r: int, lr: float, rows: int, seed: int) -> dict:
+    import numpy as np
+    from compare_hf import _sst2_hf
+    from peft import LoraConfig, get_peft_model
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
+
+    from lightning_ft.backbones import head_modules, resolve_name
+    from lightning_ft.peft import target_pattern
+
+    model_dir = resolve_name(MINILM)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    train, dev, head, _, _ = _sst2_hf(tokenizer, rows)
+    set_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, **head)
+    config = LoraConfig(r=r, lora_alpha=16, lora_dropout=0.05, target_modules=target_pattern(model, None),
+                        modules_to_save=head_modules(model) or None)
+    model = get_peft_model(model, config)
+    counts = {"samples": 0, "tokens": 0, "real_tokens": 0}
+    timer = hf_timer(counts)
+    padding = DataCollatorWithPadding(tokenizer)
+
+    def collate(features):
+        batch = padding(features)
+        counts["samples"] += len(features)
+        counts["tokens"] += batch["input_ids"].numel()
+        counts["real_tokens"] += int(batch["attention_mask"].sum())
+        return batch
+
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(
+            output_dir=out, per_device_train_batch_size=BATCH, per_device_eval_batch_size=2 * BATCH,
+            learning_rate=lr, weight_decay=0.01, max_grad_norm=1.0, num_train_epochs=1, lr_scheduler_type="linear",
+            warmup_steps=0, logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[],
+            use_cpu=True, seed=seed, dataloader_num_workers=0, disable_tqdm=True, bf16=True,
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collate, callbacks=[timer])
+        trainer.train()
+        predictions = trainer.predict(dev)
+        trainer.save_model(out)
+        size = sum(p.stat().st_size for p in Path(out).iterdir() if p.is_file())
+    accuracy = float((np.argmax(predictions.predictions, -1) == predictions.label_ids).mean())
+    return {"metric": accuracy, "samples_per_sec": timer.counts["samples"] / timer.seconds,
+            "checkpoint_mb": size / 2**20}
+
+
+def lightning_ft_lm(side: str, steps: int, checkpointing: bool, seed: int) -> dict:
+    import pytorch_lightning as pl
+
+    overrides = ["task=clm", "backbone=smollm2_gguf", "dataset=tiny_shakespeare",
+                 f"dataset.data_dir={DATA / 'tiny_shakespeare'}", "dataset.data_files.train=input.txt",
+                 "dataset.val_fraction=0.1", "dataset.block_size=256", "dataset.batch_size=4",
+                 "optim.lr=" + ("1e-4" if side == "full" else "5e-4"),
+                 f"backbone.gradient_checkpointing={checkpointing}", *SIDES[side]]
+    module, datamodule = lightning_ft_module(overrides, seed)
+    timer = lightning_timer()
+    trainer = timed_trainer(timer, max_steps=steps, precision="bf16-mixed")
+    trainer.fit(module, datamodule=datamodule)
+    evaluator = pl.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False, enable_progress_bar=False,
+                           enable_model_summary=False, limit_val_batches=20)
+    scores = evaluator.validate(module, datamodule=datamodule, verbose=False)[0]
+    return {"tokens_per_sec": timer.real_tokens / timer.seconds, "perplexity": scores.get("val/perplexity"),
+            "loss": scores["val/loss"]}
+
+
+def child(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    kind, side = args.child.split(":")
+    if kind == "sst2":
+        result = (hf_peft_sst2(int(side.removeprefix("hf_peft_r")), args.lr, args.train_rows, args.seed)
+                  if side.startswith("hf_peft") else lightning_ft_sst2(side, args.lr, args.train_rows, args.seed))
+    else:
+        result = lightning_ft_lm(side, args.lm_steps, args.checkpointing, args.seed)
+    result["peak_mb"] = peak_mb()
+    Path(args.out).write_text(json.dumps(result))
+
+
+def spawn(what: str, args: argparse.Namespace, **extra: object) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
+        out = handle.name
+    command = [sys.executable, __file__, "--child", what, "--out", out, "--threads", str(args.threads),
+               "--train-rows", str(args.train_rows), "--lm-steps", str(args.lm_steps), "--seed", str(args.seed)]
+    for key, value in extra.items():
+        command += [f"--{key.replace('_', '-')}", str(value)]
+    subprocess.run(command, check=True)
+    result = json.loads(Path(out).read_text())
+    os.unlink(out)
+    print(what, extra, result, flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train-rows", type=int, default=4000)
+    parser.add_argument("--lrs", type=float, nargs="+", default=[5e-5, 5e-4])
+    parser.add_argument("--lm-steps", type=int, default=30)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["sst2", "lm"])
+    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--lr", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--checkpointing", type=lambda v: v == "True", default=False, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+    lines = []
+    if "sst2" not in args.skip:
+        sides = [*SIDES, "hf_peft_r8"]
+        runs = {side: {lr: spawn(f"sst2:{side}", args, lr=lr) for lr in args.lrs} for side in sides}
+        best = {side: max(by_lr.items(), key=lambda item: item[1]["metric"]) for side, by_lr in runs.items()}
+        full_ckpt = best["full"][1]["checkpoint_mb"]
+        hf_rate = best["hf_peft_r8"][1]["samples_per_sec"]
+        lines += [f"\nSST-2, MiniLM, the first {args.train_rows} train rows, 1 epoch, batch {BATCH}, bf16, seed "
+                  f"{args.seed}; dev accuracy (872) at each side's best learning rate of {args.lrs}:\n",
+                  "| side | best lr | dev accuracy | dev accuracy at each lr | train samples/s | vs HF + peft r8 | "
+                  "peak resident MB | checkpoint MB | vs full | trainable share |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for side, (lr, r) in best.items():
+            share = f"{r['trainable'] / r['total']:.2%}" if "trainable" in r else ""
+            lines.append(f"| {side} | {lr:g} | {r['metric']:.4f} | "
+                         f"{', '.join(format(runs[side][x]['metric'], '.4f') for x in args.lrs)} | "
+                         f"{r['samples_per_sec']:.1f} | {r['samples_per_sec'] / hf_rate:.2f} | {r['peak_mb']:.0f} | "
+                         f"{r['checkpoint_mb']:.1f} | {r['checkpoint_mb'] / full_ckpt:.1%} | {share} |")
+    if "lm" not in args.skip:
+        lm = {(side, ckpt): spawn(f"lm:{side}", args, checkpointing=ckpt)
+              for side in ("full", "lora_r8") for ckpt in (False, True)}
+        lines += [f"\nSmolLM2-135M-Instruct (GGUF), causal LM on Tiny Shakespeare, {args.lm_steps} steps of 4 blocks "
+                  "of 256 tokens, bf16 (lr 1e-4 full, 5e-4 LoRA); validation over 20 batches:\n",
+                  "| side | gradient checkpointing | train tokens/s | peak resident MB | vs full, same checkpointing |"
+                  " validation perplexity |", "|---|---|---|---|---|---|"]
+        for (side, ckpt), r in lm.items():
+            ratio = r["peak_mb"] / lm["full", ckpt]["peak_mb"]
+            lines.append(f"| {side} | {ckpt} | {r['tokens_per_sec']:.0f} | {r['peak_mb']:.0f} | {ratio:.0%} | "
+                         f"{r['perplexity']:.2f} |")
+    append_report(args.results, "\n".join([
+        *report_heading("LoRA vs full fine-tuning, and vs the HF Trainer with the same peft config", __file__),
+        "Each run a fresh child process (peak resident memory its own). peft_vs_full.py docstring: the sides.",
+        *lines, ""]))
+
+
+if __name__ == "__main__":
+    main()
