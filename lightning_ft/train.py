@@ -58,6 +58,12 @@ def build_task(cfg: DictConfig, datamodule: Any, backbone: dict[str, Any] | None
 
     kwargs = OmegaConf.to_container(cfg.task, resolve=True)
     task_class = get_class(kwargs.pop("_target_"))
+    unknown = sorted(set(kwargs) - _keyword_args(task_class))
+    if unknown:  # e.g. a GLUE dataset config's task.metrics under task=ner
+        raise UserError(f"task.{unknown[0]} is not a setting of {task_class.__name__}, yet the config sets it (a "
+                        "dataset config made for another task sets task keys: the GLUE ones, for text "
+                        "classification): pick a dataset config made for this task, or drop the key with "
+                        f"~task.{unknown[0]}.")
     backbone = dict(backbone or OmegaConf.to_container(cfg.backbone, resolve=True))
     peft = OmegaConf.to_container(cfg.peft, resolve=True) if cfg.get("peft") else None
     adapters.check(peft, backbone)  # before the model (plan.check_values would be earlier still: before the data)
@@ -75,6 +81,22 @@ def build_task(cfg: DictConfig, datamodule: Any, backbone: dict[str, Any] | None
         peft=peft,
         layer_decay=layer_decay,
     )
+
+
+def _keyword_args(cls: type) -> set[str]:
+    """The keyword arguments ``cls(...)`` takes: its ``__init__``'s and, through ``**kwargs``, its bases'."""
+    import inspect
+
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        parameters = inspect.signature(init).parameters.values()
+        names |= {p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)} - {"self"}
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break
+    return names
 
 
 def prepare_data(cfg: DictConfig, run_dir: Path, saved_checkpoint: dict[str, Any] | None

@@ -195,3 +195,11 @@ def test_metric_settings_that_cannot_work_are_refused_before_the_model_loads(tmp
     dm = binary_data(tmp_path, "sentence-transformers/all-MiniLM-L6-v2")
     with pytest.raises(UserError, match=re.escape(words)):
         TextClassificationTask(backbone={"name": str(tmp_path / "no-such-model")}, **dm.model_kwargs(), **settings)
+
+
+def test_a_glue_config_under_another_task_is_refused_naming_the_key(tmp_path):
+    data = mrpc_folder(tmp_path / "mrpc")
+    cfg = compose_config([*QUICK, "task=ner", "dataset=mrpc", f"dataset.data_dir={data}"], tmp_path / "run")
+    with pytest.raises(UserError, match=r"task\.metrics is not a setting of TokenClassificationTask, yet the config "
+                                        r"sets it .*~task\.metrics\."):
+        train(cfg)
