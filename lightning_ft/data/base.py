@@ -161,6 +161,29 @@ def tokenizer_signature(tokenizer: Any) -> str:
     return hashlib.sha256((type(tokenizer).__name__ + text + special).encode()).hexdigest()[:16]
 
 
+# dataset.long_inputs of the tasks that can read a long input in overlapping windows (text classification, NER).
+LONG_INPUTS = ("truncate", "window")
+
+
+def check_window_settings(long_inputs: Any, stride: Any) -> None:
+    """``dataset.long_inputs`` and ``dataset.stride``, checked when the DataModule is made."""
+    if long_inputs not in LONG_INPUTS:
+        raise UserError(f"dataset.long_inputs={long_inputs!r} is not one of {', '.join(LONG_INPUTS)}: truncate cuts a "
+                        "long input at max_length, window reads it in overlapping windows.")
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 0:
+        raise UserError(f"dataset.stride={stride!r} is not a whole number of tokens >= 0: give the overlap of "
+                        "neighbouring windows, e.g. dataset.stride=32.")
+
+
+def check_window_room(tokenizer: Any, max_length: int, stride: int, pair: bool = False) -> None:
+    """A window of ``max_length`` tokens, less the tokenizer's special tokens, must hold more than the ``stride``
+    it shares with the one before (the tokenizer's overflow fails otherwise, deep in tokenizing)."""
+    room = max_length - tokenizer.num_special_tokens_to_add(pair=pair)
+    if stride >= room:
+        raise UserError(f"dataset.stride={stride} leaves no new tokens in a window of dataset.max_length={max_length} "
+                        f"({room} after the special tokens): set dataset.stride below {room}, e.g. {room // 4}.")
+
+
 class EpochShuffle(Sampler[int]):
     """The training order: a new shuffle every epoch, drawn from ``seed + epoch`` alone (not the global random
     state), so a resumed run replays the very order it was interrupted in. With ``lengths``, rows are grouped by

@@ -10,7 +10,7 @@ from typing import Any
 import pyarrow.compute as pc
 import torch
 
-from lightning_ft.data.base import TaskDataModule
+from lightning_ft.data.base import TaskDataModule, check_window_room, check_window_settings
 from lightning_ft.data.conll import read_conll
 from lightning_ft.errors import UserError
 from lightning_ft.metrics.entity import PREFIXES
@@ -135,12 +135,7 @@ class TokenClassificationData(TaskDataModule):
     ) -> None:
         if unseen_tags not in ("error", "add"):
             raise UserError(f"dataset.unseen_tags is '{unseen_tags}': use error or add.")
-        if long_inputs not in ("truncate", "window"):
-            raise UserError(f"dataset.long_inputs={long_inputs!r} is not truncate or window: truncate cuts a long "
-                            "sentence at max_length, window reads it in overlapping windows.")
-        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 0:
-            raise UserError(f"dataset.stride={stride!r} is not a whole number of tokens >= 0: give the overlap of "
-                            "neighbouring windows, e.g. dataset.stride=32.")
+        check_window_settings(long_inputs, stride)
         self.long_inputs, self.stride = long_inputs, stride
         self.unseen_tags = unseen_tags
         self.tokens_column = tokens_column
@@ -161,11 +156,8 @@ class TokenClassificationData(TaskDataModule):
         if getattr(tokenizer, "add_prefix_space", None) is False:
             # Byte-level BPE (RoBERTa, GPT-2, DeBERTa) refuses pre-split words unless it adds the space itself.
             tokenizer = type(tokenizer).from_pretrained(tokenizer.name_or_path, add_prefix_space=True)
-        room = self.max_length - tokenizer.num_special_tokens_to_add()
-        if self.long_inputs == "window" and self.stride >= room:
-            raise UserError(f"dataset.stride={self.stride} leaves no new tokens in a window of "
-                            f"dataset.max_length={self.max_length} ({room} after the special tokens): set "
-                            f"dataset.stride below {room}, e.g. {room // 4}.")
+        if self.long_inputs == "window":
+            check_window_room(tokenizer, self.max_length, self.stride)
         return super().check_tokenizer(tokenizer)
 
     # ---- reading -----------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from lightning_ft.data.base import LONG_INPUTS
 from lightning_ft.errors import UserError
 from lightning_ft.metrics.entity import get_entities
 from lightning_ft.tasks.ner.data import require_fast_tokenizer
@@ -86,8 +87,8 @@ def check_rows(rows: list[dict], source: Path, tokenizer: Any, *, column: str | 
                max_length: int = 512, long_inputs: str = "truncate", stride: int = 32, **_: Any) -> None:
     """Every row needs pre-split words (``tokens``) or raw text (``text``), and the tokenizer must be a fast one."""
     require_fast_tokenizer(tokenizer)
-    if long_inputs not in ("truncate", "window"):
-        raise UserError(f"long_inputs={long_inputs} is not truncate or window.")
+    if long_inputs not in LONG_INPUTS:
+        raise UserError(f"long_inputs={long_inputs} is not one of {', '.join(LONG_INPUTS)}.")
     room = min(max_length, tokenizer.model_max_length) - tokenizer.num_special_tokens_to_add()
     if long_inputs == "window" and not 0 <= stride < room:
         raise UserError(f"stride={stride} leaves no new sub-tokens in a window of {max_length} ({room} after the "

@@ -6,7 +6,7 @@ import logging
 import math
 from typing import Any
 
-from lightning_ft.data.base import TaskDataModule
+from lightning_ft.data.base import TaskDataModule, check_window_room, check_window_settings
 from lightning_ft.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -15,7 +15,6 @@ SINGLE, MULTI, REGRESSION = "single_label_classification", "multi_label_classifi
 
 
 PROBLEM_TYPES = (SINGLE, MULTI, REGRESSION)
-LONG_INPUTS = ("truncate", "window")
 WINDOW_REDUCTIONS = ("mean", "max")
 # An evaluation row of a windowed split holds its document's windows under these names (one list per window).
 WINDOW_PREFIX = "window_"
@@ -58,14 +57,9 @@ class TextClassificationData(TaskDataModule):
     ) -> None:
         if problem_type is not None and problem_type not in PROBLEM_TYPES:
             raise UserError(f"dataset.problem_type '{problem_type}' is not one of {', '.join(PROBLEM_TYPES)}.")
-        if long_inputs not in LONG_INPUTS:
-            raise UserError(f"dataset.long_inputs={long_inputs!r} is not one of {', '.join(LONG_INPUTS)}: truncate "
-                            "cuts a long text at max_length, window reads it in overlapping windows.")
+        check_window_settings(long_inputs, stride)
         if window_reduce not in WINDOW_REDUCTIONS:
             raise UserError(f"dataset.window_reduce={window_reduce!r} is not one of {', '.join(WINDOW_REDUCTIONS)}.")
-        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 0:
-            raise UserError(f"dataset.stride={stride!r} is not a whole number of tokens >= 0: give the overlap of "
-                            "neighbouring windows, e.g. dataset.stride=32.")
         # Before the base class connects the tokenizer: check_tokenizer reads them.
         self.long_inputs, self.stride, self.window_reduce = long_inputs, stride, window_reduce
         self.text_pair_column = text_pair_column
@@ -155,11 +149,7 @@ class TextClassificationData(TaskDataModule):
     def check_tokenizer(self, tokenizer: Any) -> Any:
         tokenizer = super().check_tokenizer(tokenizer)
         if self.long_inputs == "window":
-            room = self.max_length - tokenizer.num_special_tokens_to_add(pair=bool(self.text_pair_column))
-            if self.stride >= room:
-                raise UserError(f"dataset.stride={self.stride} leaves no new tokens in a window of "
-                                f"dataset.max_length={self.max_length} ({room} after the special tokens): set "
-                                f"dataset.stride below {room}, e.g. {room // 4}.")
+            check_window_room(tokenizer, self.max_length, self.stride, pair=bool(self.text_pair_column))
             if not getattr(tokenizer, "is_fast", False):
                 raise UserError("dataset.long_inputs=window needs a fast (Rust) tokenizer, which this backbone does "
                                 "not have: set dataset.long_inputs=truncate.")

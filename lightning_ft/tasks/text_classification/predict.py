@@ -7,10 +7,11 @@ from typing import Any
 
 import torch
 
+from lightning_ft.data.base import LONG_INPUTS
 from lightning_ft.errors import UserError
 from lightning_ft.tasks.base import label_maps
 from lightning_ft.tasks.spec import column_option, option
-from lightning_ft.tasks.text_classification.data import LONG_INPUTS, MULTI, REGRESSION, WINDOW_REDUCTIONS
+from lightning_ft.tasks.text_classification.data import MULTI, REGRESSION, WINDOW_REDUCTIONS
 from lightning_ft.tasks.text_classification.model import pool_windows
 
 
