@@ -5,7 +5,8 @@ directory, training rows, epochs, max length 128, batch 32, lr, linear decay wit
 AdamW, precision and 2 threads. Each side runs as its users would run it by default: lightning_ft with its shipped
 dataset configs (packed batches: each batch's examples, a random draw, packed into rows), the HF Trainer with its
 defaults (shuffled batches; the run_glue.py and run_ner.py preprocessing). ``--sides`` adds lightning_ft with padded
-shuffled batches (the HF Trainer's), with length-grouped batches, or packing required, and the HF Trainer with its
+shuffled batches (the HF Trainer's), with length-grouped batches, packing required, token-budget batches
+(``dataset.max_tokens``) or torch.compile, and the HF Trainer with its
 own length grouping (``train_sampling_strategy="group_by_length"``, its fastest setting). Train throughput is timed
 from train start to train end with no evaluation inside; then both are scored on the dev split.
 
@@ -41,18 +42,21 @@ DATA = ROOT.parent / "shared" / "data"
 BATCH, MAX_LEN = 32, 128
 # lr and weight decay: the HF examples' defaults for each task (run_glue.py README: 2e-5..5e-5; run_ner.py: 5e-5).
 TASKS = {
-    "sst2": {"lr": 5e-5, "weight_decay": 0.01, "metric": "accuracy", "rows": 67349,
+    "sst2": {"lr": 5e-5, "weight_decay": 0.01, "metric": "accuracy", "rows": 67349, "max_tokens": 512,
              "title": "SST-2 (GLUE), dev accuracy on all 872 dev sentences"},
-    "conll": {"lr": 5e-5, "weight_decay": 0.0, "metric": "f1", "rows": 14041,
+    "conll": {"lr": 5e-5, "weight_decay": 0.0, "metric": "f1", "rows": 14041, "max_tokens": 1024,
               "title": "CoNLL-2003 NER, entity-level micro F1 on all 3,250 dev sentences"},
 }
 SIDES = ("hf_trainer", "lightning_ft", "lightning_ft_shuffled", "lightning_ft_grouped", "lightning_ft_packed",
-         "lightning_ft_compiled", "hf_trainer_grouped")
+         "lightning_ft_compiled", "lightning_ft_max_tokens", "hf_trainer_grouped")
 # What each lightning_ft side changes in its shipped dataset config (packed, where the backbone allows, for both tasks).
 BATCHING = {"lightning_ft": [], "lightning_ft_packed": ["dataset.packing=true"],
             "lightning_ft_shuffled": ["dataset.packing=false", "dataset.group_by_length=false"],
             "lightning_ft_grouped": ["dataset.packing=false", "dataset.group_by_length=true"],
-            "lightning_ft_compiled": ["compile=true"]}  # the shipped batches, the model through torch.compile
+            "lightning_ft_compiled": ["compile=true"],  # the shipped batches, the model through torch.compile
+            # token-budget batches of about the tokens 32 rows hold on average, plus the longest row (the task's
+            # "max_tokens"): about as many steps as batches of 32
+            "lightning_ft_max_tokens": ["dataset.max_tokens={max_tokens}"]}
 
 
 def lightning_ft_run(task: str, epochs: int, train_rows: int | None, precision: str, seed: int,
@@ -65,7 +69,7 @@ def lightning_ft_run(task: str, epochs: int, train_rows: int | None, precision: 
     overrides = [*data, f"dataset.batch_size={BATCH}", f"dataset.max_length={MAX_LEN}", f"optim.lr={spec['lr']}",
                  f"optim.weight_decay={spec['weight_decay']}", "scheduler.warmup_ratio=0.0"]
     compiled = "compile=true" in batching
-    overrides += [b for b in batching if b != "compile=true"]  # compile is train.py's step, taken here below
+    overrides += [b.format(**spec) for b in batching if b != "compile=true"]  # compile: train.py's step, below
     if train_rows:
         overrides.append(f"dataset.max_train_examples={train_rows}")
     module, datamodule = lightning_ft_module(overrides, seed)

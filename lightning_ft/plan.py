@@ -121,6 +121,7 @@ VALUE_RULES: tuple[tuple[str, type, float | None, str], ...] = (
     ("dataset.batch_size", int, 1, "training rows per batch"),
     ("dataset.eval_batch_size", int, 1, "evaluation rows per batch"),
     ("dataset.max_length", int, 1, "tokens kept of each example"),
+    ("dataset.max_tokens", int, 1, "tokens per training batch"),
     ("dataset.max_train_examples", int, 1, "training rows used"),
     ("dataset.max_eval_examples", int, 1, "evaluation rows used"),
 )

@@ -116,6 +116,13 @@ def plot_learning_curve(record: RunRecord, monitor: str, path: Path) -> Path | N
     return path
 
 
+def batch_size(dataset: dict[str, Any]) -> str:
+    """A run's training batch: its rows, or its token budget (``dataset.max_tokens``)."""
+    if dataset.get("max_tokens") is not None:
+        return f"up to {dataset['max_tokens']} tokens"
+    return str(dataset.get("batch_size"))
+
+
 def _table(rows: list[tuple[str, str]], header: tuple[str, str]) -> list[str]:
     return [f"| {header[0]} | {header[1]} |", "|---|---|", *(f"| {a} | {b} |" for a, b in rows)]
 
@@ -132,7 +139,7 @@ def write_report(run_dir: Path, cfg: dict[str, Any], results: dict[str, Any], re
         ("task", str(cfg.get("task", {}).get("_target_", "")).rsplit(".", 1)[-1]),
         ("backbone", f"{backbone.get('name')}" + ("" if backbone.get("pretrained", True) else " (built from config)")),
         ("data", str(dataset.get("data_dir") or dataset.get("hub_name") or dataset.get("_target_"))),
-        ("batch size", str(dataset.get("batch_size"))),
+        ("batch size", batch_size(dataset)),
         ("learning rate", str(cfg.get("optim", {}).get("lr"))),
         ("epochs / max steps", f"{trainer.get('max_epochs')} / {trainer.get('max_steps')}"),
         ("precision", str(results.get("precision"))),
@@ -205,7 +212,7 @@ def write_model_card(export_dir: Path, cfg: dict[str, Any], results: dict[str, A
         f"- Base model: {base or built}",
         f"- Task: `task={results.get('task')}`" + (f" (pipeline `{pipeline}`)" if pipeline else ""),
         f"- Data: {source or 'the embedded sample'} ({rows})",
-        f"- Hyper-parameters: optimizer {optim}; batch size {dataset.get('batch_size')}, max length "
+        f"- Hyper-parameters: optimizer {optim}; batch size {batch_size(dataset)}, max length "
         f"{dataset.get('max_length')}; trainer {trainer}; seed {cfg.get('seed')}",
         f"- Best {results.get('monitor')}: {results.get('best_score')} (epoch {results.get('best_epoch')})", "",
         "## Metrics of the exported weights", "", "| metric | value |", "|---|---|",

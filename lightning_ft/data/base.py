@@ -6,6 +6,7 @@ A task subclass says which columns it needs (``required_columns``), how to read 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -22,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from lightning_ft.data.token_budget import TokenBudgetBatches, check_budget, example_tokens
 from lightning_ft.errors import UserError
 from lightning_ft.plan import check_data_dir
 
@@ -215,6 +217,11 @@ class EpochShuffle(Sampler[int]):
         return self.size
 
 
+def _collate_columns(collate: Callable[[list[dict]], dict], columns: dict[str, list]) -> dict:
+    """``collate`` of the rows a dataset returns as columns when indexed with a list of rows (a token-budget batch)."""
+    return collate([dict(zip(columns, values)) for values in zip(*columns.values())])
+
+
 def _epoch_of_next_batch(trainer: Any) -> int | None:
     """Training batches fetched so far (over every epoch, restored from a checkpoint) over the batches an epoch has:
     the epoch an uninterrupted run would be in. None before Lightning knows the epoch's length."""
@@ -245,7 +252,9 @@ class TaskDataModule(pl.LightningDataModule):
     otherwise. ``column_names`` names the columns of csv/tsv files that have no header row.
     A null entry of ``data_files`` or ``hub_splits`` (the configs list every split) means "not given".
     ``group_by_length`` (default) batches training rows of similar length together: far less padding, same
-    shuffling. ``num_workers`` null picks loader workers for the device (some on a GPU, none on CPU).
+    shuffling. ``max_tokens`` makes each training batch hold up to that many tokens (``budget_columns``) instead of
+    ``batch_size`` rows (``token_budget.TokenBudgetBatches``). ``num_workers`` null picks loader workers for the
+    device (some on a GPU, none on CPU).
     Tokenization runs once per split and is cached by ``datasets`` under a key made of the raw data's fingerprint,
     the tokenizer and the preprocessing settings: a second identical run, or another DDP rank, reads the cache.
     """
@@ -257,6 +266,8 @@ class TaskDataModule(pl.LightningDataModule):
     module_settings = ("packing",)
     # The per-token entries a packed batch lays out in rows (``dataset.packing``); None: the task does not pack.
     packed_token_keys: tuple[str, ...] | None = None
+    # The columns whose tokens count against ``max_tokens`` (seq2seq adds its targets).
+    budget_columns: tuple[str, ...] = ("input_ids",)
 
     def __init__(
         self,
@@ -280,6 +291,7 @@ class TaskDataModule(pl.LightningDataModule):
         pad_to_multiple_of: int | None = None,
         group_by_length: bool | None = True,
         packing: bool | None = False,
+        max_tokens: int | None = None,
         cache_dir: str | None = None,
         seed: int = 42,
     ) -> None:
@@ -303,11 +315,14 @@ class TaskDataModule(pl.LightningDataModule):
         self.pad_to_multiple_of = pad_to_multiple_of
         self.group_by_length = bool(group_by_length)  # null (a task that decides for itself, left undecided): off
         if packing and self.packed_token_keys is None:
-            raise UserError(f"dataset.packing=true is not available for {type(self).__name__} (text classification "
-                            "and NER pack their examples): set dataset.packing=false.")
+            raise UserError(f"dataset.packing=true is not available for {type(self).__name__} (text "
+                            "classification, NER, similarity and multiple choice pack their examples): set "
+                            "dataset.packing=false.")
         # Packed batches are a random draw of examples like shuffled ones: length grouping does not apply to them.
         # None: packed where the task module finds that its backbone keeps packed examples apart (``packs_examples``).
         self.pack_examples = packing if self.packed_token_keys is not None else False
+        check_budget(max_tokens, max_length)
+        self.max_tokens = max_tokens
         self.cache_dir = cache_dir
         self.seed = seed
         self.datasets: dict[str, Any] | None = None
@@ -698,10 +713,16 @@ class TaskDataModule(pl.LightningDataModule):
         if trainer is not None:
             sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed)
             sampler.epoch_of = lambda: _epoch_of_next_batch(trainer)
+        batching: dict[str, Any] = {"batch_size": self.batch_size, "sampler": sampler}
+        if self.max_tokens is not None:
+            # The loader reads a list of rows at a time (batch_size None): the sampler's items are whole batches.
+            # Under DDP, Lightning's sampler wrapper then deals the epoch's batches out to the ranks.
+            budget = TokenBudgetBatches(sampler, example_tokens(data, self.budget_columns), self.max_tokens)
+            batching = {"batch_size": None, "sampler": budget}
+            collate = functools.partial(_collate_columns, collate)
         return ResumableLoader(
             data,
-            batch_size=self.batch_size,
-            sampler=sampler,
+            **batching,
             # Its own generator: creating an iterator then draws no number from the global one, so the dropout of
             # a run resumed at an epoch start matches an uninterrupted run's.
             generator=torch.Generator().manual_seed(self.seed),

@@ -89,6 +89,10 @@ class LanguageModelingData(TaskDataModule):
         self.streaming = streaming
         self.shuffle_buffer = shuffle_buffer
         super().__init__(max_length=block_size, **kwargs)  # last: a tokenizer given here is checked with the above
+        if streaming and self.max_tokens is not None:
+            raise UserError("dataset.max_tokens needs the epoch's rows up front, which a streamed dataset does not "
+                            "have: set dataset.max_tokens=null (batches of dataset.batch_size blocks), or "
+                            "dataset.streaming=false.")
 
     def check_tokenizer(self, tokenizer: Any) -> Any:
         if self.objective == "mlm" and tokenizer.mask_token_id is None:

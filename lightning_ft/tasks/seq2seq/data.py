@@ -33,6 +33,7 @@ class Seq2SeqData(TaskDataModule):
     """
 
     keep_row_index = True
+    budget_columns = ("input_ids", "labels")  # the decoder's tokens cost as much as the encoder's
 
     def __init__(
         self,
