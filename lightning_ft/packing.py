@@ -14,6 +14,8 @@ per-token ``labels`` for token tasks, all rows x width):
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -28,10 +30,14 @@ def is_packed(batch: dict) -> bool:
 
 
 def batch_examples(batch: dict) -> int:
-    """How many rows of its split a batch holds, packed or not (a similarity row packs two or three texts)."""
+    """How many rows of its split a batch holds, packed or not (a similarity row packs two or three texts, a
+    multiple-choice row one text per choice: one label each)."""
     if "row_index" in batch:
         return len(batch["row_index"])
-    return len(batch["example_rows"]) if is_packed(batch) else len(batch["input_ids"])
+    if not is_packed(batch):
+        return len(batch["input_ids"])
+    labels = batch.get("labels")
+    return len(labels) if isinstance(labels, torch.Tensor) and labels.dim() == 1 else len(batch["example_rows"])
 
 
 def layout(lengths: list[int], capacity: int, multiple_of: int | None = None) -> list[list[int]]:
@@ -147,6 +153,27 @@ def gather(values: torch.Tensor, batch: dict, last: bool = False) -> torch.Tenso
     """Each example's first token's values (its last's with ``last``): examples x ..."""
     columns = batch["example_starts"] + (batch["example_lengths"] - 1 if last else 0)
     return values[batch["example_rows"].to(values.device), columns.to(values.device)]
+
+
+@contextmanager
+def first_tokens_to_head(base: Any, layout: dict[str, torch.Tensor]) -> Iterator[None]:
+    """While open, ``base``'s encoder stack returns one row per example, its first token (examples x 1 x hidden):
+    a head that reads position 0 of the encoder's output (BERT's pooler, RoBERTa's classifier) then runs unchanged,
+    once per example."""
+    stack = getattr(base, "encoder", None) or getattr(base, "transformer", None)
+    if stack is None:
+        raise UserError(f"dataset.packing=true does not know the layer stack of {type(base).__name__}: set "
+                        "dataset.packing=false.")
+
+    def first_tokens(module: Any, args: Any, output: Any) -> Any:
+        hidden = gather(output[0], layout)[:, None]
+        return (hidden, *output[1:]) if isinstance(output, tuple) else type(output)(last_hidden_state=hidden)
+
+    handle = stack.register_forward_hook(first_tokens)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ import pytorch_lightning as pl
 import torch
 
 import lightning_ft
+from lightning_ft import packing
 
 _DTYPES = {"bf16": torch.bfloat16, "16": torch.float16, "fp16": torch.float16}
 
@@ -112,8 +113,10 @@ class ThroughputMonitor(pl.Callback):
         else:
             lengths = mask.sum(-1) if mask is not None else torch.full((len(ids),), ids.shape[-1])
         flops = training_flops(*self._shape, lengths.cpu()) if self._peak else 0.0  # only MFU reads it
+        # a packed multiple-choice question is several packed examples, one per choice: count questions
+        samples = packing.batch_examples(batch) if "example_lengths" in batch else len(lengths)
         for counts in (self.total, self.window):
-            counts["samples"] += len(lengths)
+            counts["samples"] += samples
             counts["packed_rows"] += len(ids) if "example_lengths" in batch else 0
             counts["tokens"] += float(lengths.sum())
             counts["padded_tokens"] += ids.numel()

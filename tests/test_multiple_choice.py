@@ -99,3 +99,41 @@ def test_a_tiny_multiple_choice_run_on_the_embedded_sample(tmp_path):
 
     assert AutoModelForMultipleChoice.from_pretrained(tmp_path / "hf_model").config.architectures == [
         "BertForMultipleChoice"]
+
+
+@pytest.mark.parametrize("model_type,extra", [("bert", {}), ("roberta", {"pad_token_id": 1})])
+def test_packed_choices_score_as_the_padded_batch_does(tokenizer, tmp_path, model_type, extra):
+    """dataset.packing=true: every choice a packed example; each question's scores and the loss equal the padded
+    batch's, and the packed batch still counts questions."""
+    import torch
+
+    from lightning_ft import packing
+    from lightning_ft.tasks.multiple_choice import MultipleChoiceTask
+
+    rows = [obqa(f"q{i}", "which one " + "is it " * i, ["a sun", "the moon and stars" * (i % 3 + 1), "rain",
+                                                        "one " * (i + 1)], "ABCD"[i % 4]) for i in range(6)]
+    dm = prepared(tokenizer, tmp_path, rows, packing=True, max_length=32, **OBQA)
+    features = [dm.datasets["train"][i] for i in range(6)]
+    padded, packed = dm.collate([dict(f) for f in features]), dm.collate_packed([dict(f) for f in features])
+    assert packing.batch_examples(packed) == 6 and len(packed["example_rows"]) == 24
+    assert packed["input_ids"].numel() < padded["input_ids"].numel()
+    config = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+              "vocab_size": tokenizer.vocab_size, **extra}
+    module = MultipleChoiceTask(num_choices=4, packing=True, backbone={
+        "name": None, "model_type": model_type, "pretrained": False, "config_overrides": config, "init_seed": 0})
+    assert module.packs_examples
+    module.eval()
+    with torch.no_grad():
+        alone, together = module(**padded), module(**packed)
+    assert together.logits.shape == (6, 4)
+    torch.testing.assert_close(together.logits, alone.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(together.loss, alone.loss, atol=1e-5, rtol=1e-5)
+
+
+def test_a_packed_multiple_choice_run_on_the_embedded_sample(tmp_path):
+    cfg = compose_config(["task=multiple_choice", *QUICK, "dataset.packing=true", "dataset.max_tokens=1024",
+                          "test=false", "export=false"], tmp_path)
+    train(cfg)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert 0.0 <= metrics["validation"]["val/accuracy"] <= 1.0
+    assert metrics["throughput"]["packing_efficiency"] > 0.8

@@ -240,8 +240,7 @@ class TaskModule(pl.LightningModule):
             ids = [i for i in range(3, 40) if i not in special][:9]
             examples = [ids[:5], ids[5:]]
             device = next(self.model.parameters()).device
-            alone = [getattr(self.model(input_ids=torch.tensor([x], device=device)), self.packed_output)[0]
-                     for x in examples]
+            alone = [self._output_alone(torch.tensor([x], device=device)) for x in examples]
             width = max(map(len, examples))
             batch = {"input_ids": torch.tensor([x + [0] * (width - len(x)) for x in examples]),
                      "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in examples])}
@@ -263,6 +262,10 @@ class TaskModule(pl.LightningModule):
             raise UserError(
                 f"backbone {config.model_type} with the {type(self).__name__} head does not keep packed examples apart "
                 f"(an example packed with another gives other outputs than alone{failure}): set dataset.packing=false.")
+
+    def _output_alone(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """What the packing check compares: the model's ``packed_output`` for one example run alone (1 x length)."""
+        return getattr(self.model(input_ids=input_ids), self.packed_output)[0]
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         loss = self(**batch).loss

@@ -48,6 +48,8 @@ class MultipleChoiceData(TaskDataModule):
         id_column: names an example in error messages (the row number when absent).
     """
 
+    packed_token_keys = ("input_ids", "token_type_ids")  # dataset.packing=true: every choice a packed example
+
     def __init__(
         self,
         *,
@@ -158,3 +160,13 @@ class MultipleChoiceData(TaskDataModule):
         from transformers import DataCollatorForMultipleChoice
 
         return DataCollatorForMultipleChoice(self.tokenizer, pad_to_multiple_of=self.pad_to_multiple_of)
+
+    def collate_packed(self, features: list[dict]) -> dict:
+        """Every choice of the batch's questions packed into rows of up to ``max_length`` tokens, question by
+        question, choice by choice (the order the model's scores are read back in); one label per question."""
+        from lightning_ft.packing import pack_batch
+
+        padded = self.collate(features)
+        texts = {key: value.flatten(0, 1) if value.dim() == 3 else value for key, value in padded.items()}
+        return pack_batch(texts, self.max_length, self.packed_token_keys, self.tokenizer.pad_token_id or 0,
+                          self.pad_to_multiple_of)

@@ -122,21 +122,8 @@ class TextClassificationTask(TaskModule):
             loss = None if labels is None else self.model.loss_function(
                 logits=logits, labels=labels, pooled_logits=logits, config=self.model.config)
             return SequenceClassifierOutput(loss=loss, logits=logits)
-        stack = getattr(base, "encoder", None) or getattr(base, "transformer", None)
-        if stack is None:
-            raise UserError(f"dataset.packing=true does not know the layer stack of {type(base).__name__}: set "
-                            "dataset.packing=false.")
-
-        def first_tokens(module: Any, args: Any, output: Any) -> Any:
-            # The head reads position 0 of what the encoder returns: hand it one row per example, its first token.
-            hidden = packing.gather(output[0], layout)[:, None]
-            return (hidden, *output[1:]) if isinstance(output, tuple) else type(output)(last_hidden_state=hidden)
-
-        handle = stack.register_forward_hook(first_tokens)
-        try:
+        with packing.first_tokens_to_head(base, layout):
             return self.model(**inputs)
-        finally:
-            handle.remove()
 
     def _eval_step(self, stage: str, batch: dict) -> None:
         if "window_document" not in batch:
