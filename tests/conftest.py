@@ -154,27 +154,84 @@ def write_tsv(path: Path, header: list[str], rows: list[list]) -> Path:
     return path
 
 
-def _on_rank(rank: int, port: int, worker, args: tuple, out) -> None:
+def _rank_loop(rank: int, port: int, inbox, outbox) -> None:
+    """One rank of the pool: joins the gloo group once, then runs each ``(worker, args)`` it is sent."""
+    import traceback
+
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        out[rank] = worker(rank, *args)
-    finally:
-        dist.destroy_process_group()
+    while (job := inbox.get()) is not None:
+        worker, args = job
+        try:
+            outbox.put((rank, True, worker(rank, *args)))
+        except BaseException:  # sent back whole, so the test shows the rank's own traceback
+            outbox.put((rank, False, traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+class _TwoRanks:
+    """Two gloo processes, started once per test process and reused: a spawn costs each test 6 s alone and 15-20 s
+    beside the other xdist worker (the children import torch, transformers and the test module)."""
+
+    def __init__(self) -> None:
+        import socket
+
+        import torch.multiprocessing as mp
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        context = mp.get_context("spawn")
+        self.inboxes, self.outbox = [context.Queue(), context.Queue()], context.Queue()
+        self.processes = [context.Process(target=_rank_loop, args=(rank, port, self.inboxes[rank], self.outbox),
+                                          daemon=True) for rank in range(2)]
+        for process in self.processes:
+            process.start()
+
+    def run(self, worker, args: tuple) -> dict:
+        for inbox in self.inboxes:
+            inbox.put((worker, args))
+        results = {}
+        for _ in range(2):
+            rank, ok, value = self._next_result()
+            if not ok:  # raised at once: its partner may wait in a collective for good (on_two_ranks kills both)
+                raise RuntimeError(f"rank {rank} failed:\n{value}")
+            results[rank] = value
+        return results
+
+    def _next_result(self, seconds: float = 300) -> tuple:
+        import queue
+        import time
+
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                return self.outbox.get(timeout=1)
+            except queue.Empty:
+                if dead := [p.exitcode for p in self.processes if not p.is_alive()]:
+                    raise RuntimeError(f"a rank process died (exit code {dead[0]})") from None
+        raise TimeoutError(f"the two ranks gave no result in {seconds} s")
+
+    def close(self) -> None:
+        for process in self.processes:
+            process.kill()
+
+
+_two_ranks: _TwoRanks | None = None
 
 
 def on_two_ranks(worker, *args) -> dict:
-    """``worker(rank, *args)`` in 2 gloo processes (a real DDP process group); its return value by rank.
-    ``worker`` must be a module-level function, so the spawned processes can import it."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_on_rank, args=(port, worker, args, out), nprocs=2, join=True)
-        return dict(out)
+    """``worker(rank, *args)`` on 2 gloo processes (a real DDP process group); its return value by rank.
+    ``worker`` must be a module-level function, so the processes can import it. A worker that fails on either
+    rank raises here with its traceback, and the next call starts two fresh processes."""
+    global _two_ranks
+    if _two_ranks is None:
+        _two_ranks = _TwoRanks()
+        atexit.register(_two_ranks.close)
+    try:
+        return _two_ranks.run(worker, args)
+    except BaseException:
+        _two_ranks.close()
+        _two_ranks = None
+        raise

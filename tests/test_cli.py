@@ -40,8 +40,8 @@ def test_unknown_backbone_offline_is_one_sentence(tmp_path):
 @pytest.mark.slow
 def test_a_multirun_of_multi_process_runs_writes_one_directory_per_run_and_a_summary(tmp_path):
     """Hydra multirun + DDP, the peers' known crash: each job's ranks run that job alone, in its directory."""
-    result = run_cli(["-m", "optim.lr=1e-4,3e-4", *QUICK, "test=false", "trainer=ddp_sim", "hydra.sweep.dir=sweep"],
-                     tmp_path)
+    result = run_cli(["-m", "optim.lr=1e-4,3e-4", *QUICK, "trainer.max_epochs=1", "test=false", "trainer=ddp_sim",
+                      "hydra.sweep.dir=sweep"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     sweep = tmp_path / "sweep"
     runs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())

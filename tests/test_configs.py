@@ -170,7 +170,8 @@ def test_every_experiment_runs_with_a_tiny_model(tmp_path, experiment):
     task = next((line.split(":")[1].strip() for line in text.splitlines() if "override /task" in line), None)
     quick = [o.replace("tiny_bert", TINY_BACKBONES.get(task, "tiny_bert")) for o in QUICK]
     overrides = [f"experiment={experiment}", *quick, f"dataset.data_dir={LOCAL_DATA[dataset]}",
-                 "dataset.max_train_examples=200", "dataset.max_eval_examples=100"]
+                 "dataset.max_train_examples=200", "dataset.max_eval_examples=100",
+                 "trainer.max_epochs=1"]  # an experiment's own epochs (3 to 10) would only repeat debug=limit's batches
     if task in ("translation", "summarization"):  # a random tiny model generates to the limit: keep it short
         overrides += ["task.max_new_tokens=8", "task.num_beams=1"]
     cfg = compose_config(overrides, tmp_path)

@@ -222,8 +222,9 @@ def test_readme_continued_pretraining_then_fine_tuning_workflow(tmp_path):
         args = shlex.split(command.replace("<your text dir>", str(text)))[3:]
         # MiniLM's 30k-word masked-LM head on 32 x 128 tokens takes seconds a step on 2 cores: smaller batches here.
         shorter = ["dataset.block_size=64"] if "task=mlm" in args else []
-        result = run_cli([*args, "debug=limit", "trainer.max_epochs=1", "dataset.batch_size=8", *shorter, *QUICK_RUN],
-                         tmp_path)
+        result = run_cli([*args, "debug=limit", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+                          "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "dataset.batch_size=8",
+                          *shorter, *QUICK_RUN], tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
     export = tmp_path / WORKFLOW / "hf_model"
     second_run = next(p.parent for p in (tmp_path / "outputs").rglob("config.yaml")

@@ -1,16 +1,14 @@
 """task=similarity: metrics, losses (vs sentence-transformers), data checks, DDP, training, export, embed, search."""
 
 import json
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from cli import run_cli
-from conftest import MINILM, QUICK, ROOT, compose_config, write_tsv
+from conftest import MINILM, QUICK, ROOT, compose_config, on_two_ranks, write_tsv
 from scipy.stats import pearsonr, spearmanr
 
 from lightning_ft.errors import UserError
@@ -99,14 +97,7 @@ def test_pooling_equals_sentence_transformers_pooling(mode):
     assert torch.allclose(pool(hidden, mask, mode), reference["sentence_embedding"], atol=1e-6)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank: int, port: int, out) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+def _ddp_worker(rank: int) -> dict:
     torch.manual_seed(0)
     encoder = torch.nn.Linear(6, 4)  # the same weights on both ranks, as DDP keeps them
     texts = torch.randn(3, 8, 6, generator=torch.Generator().manual_seed(5))  # anchors, positives, negatives
@@ -123,16 +114,12 @@ def _ddp_worker(rank: int, port: int, out) -> None:
     rows = torch.tensor([0, 1, 2, 3, 0]) if rank == 0 else torch.tensor([4, 5, 6, 7, 4])
     metric.update(rows, texts[0][rows, :4], texts[1][rows, :4])
     scores = metric.compute()
-    if rank == 0:
-        out.put({"loss": torch.stack(losses).mean().item(), "grad": encoder.weight.grad.tolist(),
-                 "mrr": scores["mrr"].item()})
-    dist.destroy_process_group()
+    return {"loss": torch.stack(losses).mean().item(), "grad": encoder.weight.grad.tolist(),
+            "mrr": scores["mrr"].item()}
 
 
 def test_in_batch_negatives_gathered_over_two_ranks_train_like_one_process_with_the_whole_batch():
-    queue = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_ddp_worker, args=(_free_port(), queue), nprocs=2, join=True)
-    got = queue.get()
+    got = on_two_ranks(_ddp_worker)[0]
     torch.manual_seed(0)
     encoder = torch.nn.Linear(6, 4)
     texts = torch.randn(3, 8, 6, generator=torch.Generator().manual_seed(5))
