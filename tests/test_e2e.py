@@ -75,12 +75,13 @@ def test_ner_with_minilm_learns_conll_entities_and_its_export_tags_like_the_modu
 
     conll = SHARED / "conll2003"
     result = run_cli(["task=ner", "dataset=conll2003", f"dataset.data_dir={conll}", "dataset.label_all_tokens=true",
-                      "dataset.max_train_examples=2000", "dataset.max_eval_examples=500", "dataset.batch_size=16",
+                      "dataset.max_train_examples=1200", "dataset.max_eval_examples=500", "dataset.batch_size=8",
                       "dataset.group_by_length=true", "trainer.max_epochs=1"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = [p.parent for p in (tmp_path / "outputs" / "ner").glob("*/metrics.json")]
     metrics = json.loads((run / "metrics.json").read_text())
-    # 125 steps on 2,000 CoNLL-2003 sentences: MiniLM reached test F1 0.62 here (0 = nothing learned).
+    # 150 steps of 8 on 1,200 CoNLL-2003 sentences: MiniLM reached test F1 0.63 here (0 = nothing learned), as it
+    # did in 125 steps of 16 on 2,000, in 60% of the time.
     assert metrics["test"]["test/f1"] > 0.45
     assert "test per type" in result.stdout and all(t in result.stdout for t in ("PER", "LOC", "ORG", "MISC"))
 
