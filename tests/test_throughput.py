@@ -22,6 +22,18 @@ def test_auto_precision_is_bf16_only_where_the_cpu_runs_it_natively(monkeypatch,
     assert resolve_precision("16-mixed", "cpu") == "16-mixed", "an explicit precision is kept"
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_asked_for_where_it_is_emulated_is_warned_about_before_any_work(native, monkeypatch, tmp_path, caplog):
+    from lightning_ft.plan import plan_run
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    plan, _ = plan_run(compose_config([*QUICK, "trainer.precision=bf16-mixed"], tmp_path / "run"))
+    assert plan.precision == "bf16-mixed"  # kept: a warning, not a refusal
+    warned = "trainer.precision=bf16-mixed: this device has no native bf16" in caplog.text
+    assert warned != native and ("trainer.precision=auto" in caplog.text) == warned
+
+
 def test_auto_precision_on_a_gpu_request_without_a_gpu_is_fp32(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_precision("auto", "gpu") == "32-true"
