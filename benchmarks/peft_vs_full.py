@@ -1,12 +1,12 @@
 """LoRA against full fine-tuning, and lightning_ft's LoRA against the Hugging Face Trainer with the same peft config.
 
-MiniLM on SST-2 (the first ``--train-rows`` train rows, 1 epoch, bf16): lightning_ft full fine-tuning, lightning_ft
-``peft=lora`` at r 8 and r 16, and the HF Trainer (compare_hf.py's run_glue side) with peft's ``get_peft_model`` and
-the very ``LoraConfig`` lightning_ft builds (its target layers, alpha 16, dropout 0.05, the classifier in
-``modules_to_save``). Each side trains at each learning rate of ``--lrs`` and is reported at its best; each run is
-a fresh child process, so its peak resident memory is its own. Checkpoint size: what a run saves to resume
-(lightning_ft: its checkpoint, weights that train and their optimizer state; the HF Trainer: ``save_model``, the
-adapter and head).
+MiniLM on SST-2 (the first ``--train-rows`` train rows, 1 epoch, ``--precision``: bf16 by default): lightning_ft full
+fine-tuning, lightning_ft ``peft=lora`` at r 8 and r 16, and the HF Trainer (compare_hf.py's run_glue side) with peft's
+``get_peft_model`` and the very ``LoraConfig`` lightning_ft builds (its target layers, alpha 16, dropout 0.05, the
+classifier in ``modules_to_save``). Each side trains at each learning rate of ``--lrs`` and is reported at its best;
+each run is a fresh child process, so its peak resident memory is its own. Checkpoint size: what a run saves to resume
+(lightning_ft: its checkpoint, weights that train and their optimizer state; the HF Trainer: ``save_model``, the adapter
+and head).
 
 SmolLM2-135M-Instruct (``backbone=smollm2_gguf``) as a causal LM on Tiny Shakespeare: full fine-tuning against
 LoRA, with and without gradient checkpointing, the same ``--lm-steps`` steps: train tokens/s, peak resident memory,
@@ -47,13 +47,14 @@ SIDES = {"full": [], "lora_r8": ["peft=lora", "peft.r=8"], "lora_r16": ["peft=lo
          # adapted layer's input, kept for the backward pass) when it is 0
          "lora_r8_no_dropout": ["peft=lora", "peft.r=8", "peft.dropout=0.0"]}
 SST2_SIDES = ("full", "lora_r8", "lora_r16")
+PRECISIONS = {"bf16": "bf16-mixed", "fp32": "32-true"}
 
 
 def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
-def lightning_ft_sst2(side: str, lr: float, rows: int, seed: int) -> dict:
+def lightning_ft_sst2(side: str, lr: float, rows: int, seed: int, precision: str) -> dict:
     import pytorch_lightning as pl
 
     overrides = ["dataset=sst2", f"dataset.data_dir={DATA / 'glue_sst2'}", f"dataset.batch_size={BATCH}",
@@ -61,12 +62,12 @@ def lightning_ft_sst2(side: str, lr: float, rows: int, seed: int) -> dict:
                  "scheduler.warmup_ratio=0.0", f"dataset.max_train_examples={rows}", *SIDES[side]]
     module, datamodule = lightning_ft_module(overrides, seed)
     timer = lightning_timer()
-    trainer = timed_trainer(timer, max_epochs=1, precision="bf16-mixed")
+    trainer = timed_trainer(timer, max_epochs=1, precision=precision)
     trainer.fit(module, datamodule=datamodule)
     with tempfile.TemporaryDirectory() as folder:
         trainer.save_checkpoint(Path(folder) / "run.ckpt")
         size = (Path(folder) / "run.ckpt").stat().st_size
-    evaluator = pl.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False, enable_progress_bar=False,
+    evaluator = pl.Trainer(accelerator="cpu", precision=precision, logger=False, enable_progress_bar=False,
                            enable_model_summary=False)
     accuracy = evaluator.validate(module, datamodule=datamodule, verbose=False)[0]["val/accuracy"]
     trainable, total = module.trainable_parameters
@@ -74,7 +75,7 @@ def lightning_ft_sst2(side: str, lr: float, rows: int, seed: int) -> dict:
             "trainable": trainable, "total": total}
 
 
-def hf_peft_sst2(r: int, lr: float, rows: int, seed: int) -> dict:
+def hf_peft_sst2(r: int, lr: float, rows: int, seed: int, precision: str) -> dict:
     import numpy as np
     from compare_hf import _sst2_hf
     from peft import LoraConfig, get_peft_model
@@ -114,7 +115,7 @@ def hf_peft_sst2(r: int, lr: float, rows: int, seed: int) -> dict:
             output_dir=out, per_device_train_batch_size=BATCH, per_device_eval_batch_size=2 * BATCH,
             learning_rate=lr, weight_decay=0.01, max_grad_norm=1.0, num_train_epochs=1, lr_scheduler_type="linear",
             warmup_steps=0, logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[],
-            use_cpu=True, seed=seed, dataloader_num_workers=0, disable_tqdm=True, bf16=True,
+            use_cpu=True, seed=seed, dataloader_num_workers=0, disable_tqdm=True, bf16=precision.startswith("bf16"),
         )
         trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collate, callbacks=[timer])
         trainer.train()
@@ -126,7 +127,7 @@ def hf_peft_sst2(r: int, lr: float, rows: int, seed: int) -> dict:
             "checkpoint_mb": size / 2**20}
 
 
-def lightning_ft_lm(side: str, steps: int, checkpointing: bool, seed: int) -> dict:
+def lightning_ft_lm(side: str, steps: int, checkpointing: bool, seed: int, precision: str) -> dict:
     import pytorch_lightning as pl
 
     overrides = ["task=clm", "backbone=smollm2_gguf", "dataset=tiny_shakespeare",
@@ -137,9 +138,9 @@ def lightning_ft_lm(side: str, steps: int, checkpointing: bool, seed: int) -> di
     module, datamodule = lightning_ft_module(overrides, seed)
     loaded_mb = peak_mb()  # the peak so far: loading (the GGUF file dequantised) and tokenizing
     timer = lightning_timer()
-    trainer = timed_trainer(timer, max_steps=steps, precision="bf16-mixed")
+    trainer = timed_trainer(timer, max_steps=steps, precision=precision)
     trainer.fit(module, datamodule=datamodule)
-    evaluator = pl.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False, enable_progress_bar=False,
+    evaluator = pl.Trainer(accelerator="cpu", precision=precision, logger=False, enable_progress_bar=False,
                            enable_model_summary=False, limit_val_batches=20)
     scores = evaluator.validate(module, datamodule=datamodule, verbose=False)[0]
     return {"tokens_per_sec": timer.real_tokens / timer.seconds, "perplexity": scores.get("val/perplexity"),
@@ -151,11 +152,13 @@ def child(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     kind, side = args.child.split(":")
+    precision = PRECISIONS[args.precision]
     if kind == "sst2":
-        result = (hf_peft_sst2(int(side.removeprefix("hf_peft_r")), args.lr, args.train_rows, args.seed)
-                  if side.startswith("hf_peft") else lightning_ft_sst2(side, args.lr, args.train_rows, args.seed))
+        result = (hf_peft_sst2(int(side.removeprefix("hf_peft_r")), args.lr, args.train_rows, args.seed, precision)
+                  if side.startswith("hf_peft") else
+                  lightning_ft_sst2(side, args.lr, args.train_rows, args.seed, precision))
     else:
-        result = lightning_ft_lm(side, args.lm_steps, args.checkpointing, args.seed)
+        result = lightning_ft_lm(side, args.lm_steps, args.checkpointing, args.seed, precision)
     result["peak_mb"] = peak_mb()
     Path(args.out).write_text(json.dumps(result))
 
@@ -164,6 +167,7 @@ def spawn(what: str, args: argparse.Namespace, **extra: object) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
         out = handle.name
     command = [sys.executable, __file__, "--child", what, "--out", out, "--threads", str(args.threads),
+               "--precision", args.precision,
                "--train-rows", str(args.train_rows), "--lm-steps", str(args.lm_steps), "--seed", str(args.seed)]
     for key, value in extra.items():
         command += [f"--{key.replace('_', '-')}", str(value)]
@@ -181,6 +185,9 @@ def main() -> None:
     parser.add_argument("--lm-steps", type=int, default=30)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", default="bf16", choices=list(PRECISIONS),
+                        help="every run's; bf16 only where it is native (AVX512-BF16 or AMX): elsewhere it is "
+                             "emulated, several times slower")
     parser.add_argument("--skip", nargs="*", default=[], choices=["sst2", "lm"])
     parser.add_argument("--lm-sides", nargs="+", default=["full", "lora_r8", "lora_r8_no_dropout"],
                         choices=list(SIDES), help="the language-model comparison's sides; the first is the reference")
@@ -199,7 +206,8 @@ def main() -> None:
         best = {side: max(by_lr.items(), key=lambda item: item[1]["metric"]) for side, by_lr in runs.items()}
         full_ckpt = best["full"][1]["checkpoint_mb"]
         hf_rate = best["hf_peft_r8"][1]["samples_per_sec"]
-        lines += [f"\nSST-2, MiniLM, the first {args.train_rows} train rows, 1 epoch, batch {BATCH}, bf16, seed "
+        lines += [f"\nSST-2, MiniLM, the first {args.train_rows} train rows, 1 epoch, batch {BATCH}, {args.precision}, "
+                  "seed "
                   f"{args.seed}; dev accuracy (872) at each side's best learning rate of {args.lrs}:\n",
                   "| side | best lr | dev accuracy | dev accuracy at each lr | train samples/s | vs HF + peft r8 | "
                   "peak resident MB | checkpoint MB | vs full | trainable share |",
@@ -215,8 +223,8 @@ def main() -> None:
         lm = {(side, ckpt): spawn(f"lm:{side}", args, checkpointing=ckpt)
               for side in args.lm_sides for ckpt in (False, True)}
         lines += [f"\nSmolLM2-135M-Instruct (GGUF), causal LM on Tiny Shakespeare, {args.lm_steps} steps of 4 blocks "
-                  "of 256 tokens, bf16 (lr 1e-4 full, 5e-4 LoRA); validation over 20 batches. Peak after loading: "
-                  "the process's peak before training starts (model, data):\n",
+                  f"of 256 tokens, {args.precision} (lr 1e-4 full, 5e-4 LoRA); validation over 20 batches. Peak "
+                  "after loading: the process's peak before training starts (model, data):\n",
                   "| side | gradient checkpointing | train tokens/s | peak resident MB | peak after loading MB | "
                   f"vs {reference}, same checkpointing | validation perplexity |", "|---|---|---|---|---|---|---|"]
         for (side, ckpt), r in lm.items():
