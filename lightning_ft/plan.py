@@ -96,8 +96,10 @@ def plan_run(cfg: DictConfig, command: list[str] | None = None, rank: int = 0) -
     if not isinstance(cfg.get("compile", False), bool):
         raise UserError(f"compile={cfg.get('compile')!r} is not true or false: compile=true trains the model through "
                         "torch.compile.")
-    precision = str(resolve_precision(cfg.trainer.get("precision", "auto"), cfg.trainer.get("accelerator", "auto")))
-    warn_emulated_bf16(precision, str(cfg.trainer.get("accelerator", "auto")))
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    precision = str(resolve_precision(cfg.trainer.get("precision", "auto"), accelerator))
+    if rank == 0:  # once, not once a rank
+        warn_emulated_bf16(precision, accelerator)
     plan = RunPlan(
         run_dir=run_dir, rank=rank, seed=int(cfg.seed), train=bool(cfg.train), test=bool(cfg.test),
         export=bool(cfg.export), validate_before=bool(cfg.get("validate_before")), ckpt_path=ckpt_path,

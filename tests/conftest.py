@@ -155,19 +155,19 @@ def write_tsv(path: Path, header: list[str], rows: list[list]) -> Path:
 
 
 def _rank_loop(rank: int, port: int, inbox, outbox) -> None:
-    """One rank of the pool: joins the gloo group once, then runs each ``(worker, args)`` it is sent."""
+    """One rank of the pool: joins the gloo group once, then runs each ``(worker, args)`` it is sent, until
+    ``_TwoRanks.close`` kills it (a rank may be stuck in a collective, so it is never asked to stop)."""
     import traceback
 
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    while (job := inbox.get()) is not None:
-        worker, args = job
+    while True:
+        worker, args = inbox.get()
         try:
             outbox.put((rank, True, worker(rank, *args)))
         except BaseException:  # sent back whole, so the test shows the rank's own traceback
             outbox.put((rank, False, traceback.format_exc()))
-    dist.destroy_process_group()
 
 
 class _TwoRanks:
