@@ -40,6 +40,7 @@ from common import (  # noqa: E402
     lightning_ft_module,
     lightning_timer,
     report_heading,
+    summary_line,
     timed_trainer,  # noqa: E402
 )
 
@@ -179,6 +180,7 @@ def main() -> None:
     print(f"run folder: {folder}", flush=True)
     lines = ["| corpus | run | perplexity (shared loop) | perplexity (its own metric) | train tokens/s | ratio | "
              "train minutes | steps | train / eval blocks |", "|---|---|---|---|---|---|---|---|---|"]
+    summaries = []
     for name in args.corpora.split(","):
         data_dir, documents = corpus(name, folder / name)
         text = (data_dir / "train.txt").read_text(encoding="utf-8")
@@ -197,6 +199,9 @@ def main() -> None:
             lines.append(f"| {name} | {side} | {r['perplexity']:.2f} | {r['own_perplexity']:.2f} | {rate:.0f} | "
                          f"{rate / base:.2f} | {r['seconds'] / 60:.1f} | {r['steps']} | "
                          f"{r['train_blocks']:,} / {r['eval_blocks']:,} |")
+            summaries.append(summary_line(f"CLM pretraining, small GPT-2 from scratch, {name}, {args.steps} steps",
+                                          side, "hf_trainer", rate, "tokens/s", rate / base,
+                                          f"perplexity {r['perplexity']:.2f} (seed {args.seed})", 1))
         lines.append(f"| {name} | | identical evaluation blocks on both sides: {same} | | | | | | |")
     report = "\n".join([
         *report_heading("Causal-LM pretraining from scratch (small GPT-2) vs HF run_clm on the Trainer", __file__),
@@ -204,6 +209,8 @@ def main() -> None:
         f"seed {args.seed}.",
         "",
         *lines,
+        "",
+        *summaries,
         "",
     ])
     append_report(args.results, report)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -14,6 +15,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+# The benchmarks' --precision choices as Lightning precisions (bf16: autocast over fp32 weights, as the HF Trainer's
+# bf16=True does).
+PRECISIONS = {"bf16": "bf16-mixed", "fp32": "32-true"}
 
 
 def lightning_ft_module(overrides: list[str], seed: int):
@@ -132,18 +136,56 @@ def report_heading(title: str, script: str, machine_extra: str = "") -> list[str
 
 
 def append_report(path: str, report: str) -> None:
-    """Print a benchmark's markdown section and append it to RESULTS.md (or ``path``)."""
+    """Print a benchmark's markdown section, append it to RESULTS.md (or ``path``) and rebuild the file's summary
+    table from its sections' summary lines (``summary_line``), where the file has one."""
+    from summary import rebuild
+
     print(report)
     with open(path, "a") as f:
         f.write(report)
+    text = Path(path).read_text()
+    rebuilt = rebuild(text)
+    if rebuilt != text:
+        tmp = Path(f"{path}.tmp")
+        tmp.write_text(rebuilt)
+        tmp.replace(path)
+
+
+def summary_line(task: str, side: str, peer: str, rate: float | None, unit: str, ratio: float | None, metric: str,
+                 seeds: int) -> str:
+    """One row of RESULTS.md's summary table as the line a section carries (an HTML comment, unseen when rendered):
+    ``side``'s ``rate`` in ``unit`` on ``task``, its ``ratio`` to ``peer``'s rate in the same run, the ``metric``
+    in words and the number of ``seeds``. ``benchmarks/summary.py`` keeps the latest line of each task and side."""
+    record = {"task": task, "side": side, "peer": peer, "rate": None if rate is None else round(rate, 1),
+              "unit": unit, "ratio": None if ratio is None else round(ratio, 2), "metric": metric, "seeds": seeds}
+    return f"<!-- summary {json.dumps(record)} -->"
+
+
+def paired_difference(values: list[float], base: list[float]) -> tuple[float, float | None]:
+    """The mean of ``values - base`` paired by seed, and the half-width of its 95% t interval (None for one seed)."""
+    from scipy import stats
+
+    diffs = [v - b for v, b in zip(values, base, strict=True)]
+    if len(diffs) < 2:
+        return statistics.fmean(diffs), None
+    return statistics.fmean(diffs), stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
+
+
+def metric_words(name: str, values: list[float], base: list[float] | None = None, digits: int = 4) -> str:
+    """A summary row's metric: ``name``'s mean over the seeds and, against a reference's ``base`` on the same
+    seeds, the paired difference with its 95% interval."""
+    words = f"{name} {'mean ' if len(values) > 1 else ''}{statistics.fmean(values):.{digits}f}"
+    if base is None:
+        return words
+    mean, half = paired_difference(values, base)
+    return words + f", difference {mean:+.{digits}f}" + (
+        f" [{mean - half:+.{digits}f}, {mean + half:+.{digits}f}]" if half is not None else " (one seed)")
 
 
 def paired_table(reference: str, runs: dict[str, list[float]], digits: int = 4) -> list[str]:
     """Markdown rows comparing each side's per-seed metric with ``reference``'s on the same seeds: each side's mean
     and standard deviation, and the mean paired difference (side minus reference) with its 95% t interval. An
     interval that excludes zero is a difference the seeds resolve; one that holds zero is not."""
-    from scipy import stats
-
     base = runs[reference]
     rows = [f"| side | seeds | mean | std | difference to {reference} | 95% interval | resolved |",
             "|---|---|---|---|---|---|---|"]
@@ -152,10 +194,8 @@ def paired_table(reference: str, runs: dict[str, list[float]], digits: int = 4) 
         if side == reference:
             rows.append(f"| {side} | {len(values)} | {mean:.{digits}f} | {std:.{digits}f} | | | |")
             continue
-        diffs = [v - b for v, b in zip(values, base, strict=True)]
-        mean_diff = statistics.fmean(diffs)
-        if len(diffs) > 1:
-            half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
+        mean_diff, half = paired_difference(values, base)
+        if half is not None:
             interval = f"[{mean_diff - half:+.{digits}f}, {mean_diff + half:+.{digits}f}]"
             resolved = "yes" if mean_diff - half > 0 or mean_diff + half < 0 else "no (holds 0)"
         else:

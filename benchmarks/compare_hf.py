@@ -28,13 +28,16 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from common import (  # noqa: E402
     MINILM,
+    PRECISIONS,
     ROOT,
     append_report,
     hf_timer,
     lightning_ft_module,
     lightning_timer,
+    metric_words,
     paired_table,
     report_heading,
+    summary_line,
     timed_trainer,
 )
 
@@ -43,9 +46,10 @@ BATCH, MAX_LEN = 32, 128
 # lr and weight decay: the HF examples' defaults for each task (run_glue.py README: 2e-5..5e-5; run_ner.py: 5e-5).
 TASKS = {
     "sst2": {"lr": 5e-5, "weight_decay": 0.01, "metric": "accuracy", "rows": 67349, "max_tokens": 512,
-             "title": "SST-2 (GLUE), dev accuracy on all 872 dev sentences"},
+             "title": "SST-2 (GLUE), dev accuracy on all 872 dev sentences", "short": "SST-2, MiniLM"},
     "conll": {"lr": 5e-5, "weight_decay": 0.0, "metric": "f1", "rows": 14041, "max_tokens": 1024,
-              "title": "CoNLL-2003 NER, entity-level micro F1 on all 3,250 dev sentences"},
+              "title": "CoNLL-2003 NER, entity-level micro F1 on all 3,250 dev sentences",
+              "short": "CoNLL-2003 NER, MiniLM"},
 }
 SIDES = ("hf_trainer", "lightning_ft", "lightning_ft_shuffled", "lightning_ft_grouped", "lightning_ft_packed",
          "lightning_ft_compiled", "lightning_ft_max_tokens", "hf_trainer_grouped")
@@ -80,7 +84,7 @@ def lightning_ft_run(task: str, epochs: int, train_rows: int | None, precision: 
     import pytorch_lightning as pl
 
     timer, monitor = lightning_timer(), ThroughputMonitor()
-    precision = "bf16-mixed" if precision == "bf16" else "32-true"
+    precision = PRECISIONS[precision]
     trainer = timed_trainer(timer, max_epochs=epochs, precision=precision)
     trainer.callbacks.append(monitor)
     trainer.fit(module, datamodule=datamodule)
@@ -233,7 +237,8 @@ def main() -> None:
 
     sections = []
     for task in args.task:
-        table, runs_by = [], {}
+        table, runs_by, summaries = [], {}, []
+        size = f"{rows_for[task]} rows" if rows_for[task] else "all train"
         for precision in args.precision:
             for side in sides:  # untimed: the first run of each in a process pays one-time costs (oneDNN kernels)
                 run(side, task, 1, 320, precision, seed=0)
@@ -259,6 +264,11 @@ def main() -> None:
                     f"**{statistics.median(rates) / reference:.2f}** | {padded:.0f} | {padding:.1%} | {wait} | "
                     f"{statistics.median(r['seconds'] for r in runs[side]) / 60:.1f} | {statistics.median(metrics):.4f}"
                     f" | {', '.join(f'{m:.4f}' for m in metrics)} |")
+                base = None if side == sides[0] else [r["metric"] for r in runs[sides[0]]]
+                summaries.append(summary_line(
+                    f"{TASKS[task]['short']}, {size}, {args.epochs} epoch(s), {precision}", side, sides[0],
+                    statistics.median(rates), "samples/s", statistics.median(rates) / reference,
+                    metric_words(f"dev {TASKS[task]['metric']}", metrics, base), args.repeats))
         paired = []
         for precision in args.precision:
             for side, results in runs_by[precision].items():
@@ -283,6 +293,8 @@ def main() -> None:
             "|---|---|---|---|---|---|---|---|---|---|",
             *table,
             *paired,
+            "",
+            *summaries,
         ]))
     report = "\n".join([
         *report_heading("lightning_ft vs Hugging Face Trainer, MiniLM-L6, shipped defaults", __file__),

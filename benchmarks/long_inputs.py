@@ -15,12 +15,22 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from common import ROOT, append_report, lightning_ft_module, lightning_timer, report_heading, timed_trainer  # noqa: E402
+from common import (  # noqa: E402
+    ROOT,
+    append_report,
+    lightning_ft_module,
+    lightning_timer,
+    metric_words,
+    report_heading,
+    summary_line,
+    timed_trainer,
+)
 
 DATA = ROOT.parent / "shared" / "data" / "conll2003"
 
@@ -88,6 +98,18 @@ def main() -> None:
         lines.append(f"| {r['seed']} | {r['mode']} | {r['f1']:.4f} | {r['long_truncated']:.4f} | "
                      f"{r['long_windowed']:.4f} | {r['samples'] / r['seconds']:.1f} | {r['seconds'] / 60:.1f} |")
     lines.append("\nTrain examples are windows for the windowed run (a long sentence gives two or more).\n")
+    by_mode = {mode: [r for r in rows if r["mode"] == mode] for mode in ("truncate", "window")}
+    base = statistics.median(r["samples"] / r["seconds"] for r in by_mode["truncate"])
+    for mode, results in by_mode.items():
+        rate = statistics.median(r["samples"] / r["seconds"] for r in results)
+        reference = None if mode == "truncate" else [r["f1"] for r in by_mode["truncate"]]
+        lines.append(summary_line(
+            f"Long inputs, CoNLL-2003 NER, MiniLM at max_length {args.max_length}, {args.epochs} epoch(s), bf16",
+            f"long_inputs={mode}", "long_inputs=truncate", rate, "examples/s", rate / base,
+            metric_words("test F1", [r["f1"] for r in results], reference)
+            + f"; long sentences read in windows {statistics.fmean(r['long_windowed'] for r in results):.4f}",
+            len(results)))
+    lines.append("")
     append_report(args.results, "\n".join(lines))
 
 

@@ -31,12 +31,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from common import (  # noqa: E402
     MINILM,
+    PRECISIONS,
     ROOT,
     append_report,
     hf_timer,
     lightning_ft_module,
     lightning_timer,
     report_heading,
+    summary_line,
     timed_trainer,
 )
 
@@ -47,7 +49,6 @@ SIDES = {"full": [], "lora_r8": ["peft=lora", "peft.r=8"], "lora_r16": ["peft=lo
          # adapted layer's input, kept for the backward pass) when it is 0
          "lora_r8_no_dropout": ["peft=lora", "peft.r=8", "peft.dropout=0.0"]}
 SST2_SIDES = ("full", "lora_r8", "lora_r16")
-PRECISIONS = {"bf16": "bf16-mixed", "fp32": "32-true"}
 
 
 def peak_mb() -> float:
@@ -199,7 +200,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(args)
-    lines = []
+    lines, summaries = [], []
     if "sst2" not in args.skip:
         sides = [*SST2_SIDES, "hf_peft_r8"]
         runs = {side: {lr: spawn(f"sst2:{side}", args, lr=lr) for lr in args.lrs} for side in sides}
@@ -218,6 +219,11 @@ def main() -> None:
                          f"{', '.join(format(runs[side][x]['metric'], '.4f') for x in args.lrs)} | "
                          f"{r['samples_per_sec']:.1f} | {r['samples_per_sec'] / hf_rate:.2f} | {r['peak_mb']:.0f} | "
                          f"{r['checkpoint_mb']:.1f} | {r['checkpoint_mb'] / full_ckpt:.1%} | {share} |")
+            summaries.append(summary_line(
+                f"LoRA vs full, SST-2, MiniLM, {args.train_rows} rows, 1 epoch, {args.precision}", side, "hf_peft_r8",
+                r["samples_per_sec"], "samples/s", r["samples_per_sec"] / hf_rate,
+                f"dev accuracy {r['metric']:.4f} at its best lr {lr:g} of {len(args.lrs)}; checkpoint "
+                f"{r['checkpoint_mb'] / full_ckpt:.1%} of full; peak {r['peak_mb']:.0f} MB", 1))
     if "lm" not in args.skip:
         reference = args.lm_sides[0]
         lm = {(side, ckpt): spawn(f"lm:{side}", args, checkpointing=ckpt)
@@ -231,10 +237,16 @@ def main() -> None:
             ratio = r["peak_mb"] / lm[reference, ckpt]["peak_mb"]
             lines.append(f"| {side} | {ckpt} | {r['tokens_per_sec']:.0f} | {r['peak_mb']:.0f} | "
                          f"{r['loaded_mb']:.0f} | {ratio:.0%} | {r['perplexity']:.2f} |")
+            summaries.append(summary_line(
+                f"LoRA vs full, SmolLM2-135M CLM, {args.lm_steps} steps, {args.precision}"
+                + (", gradient checkpointing" if ckpt else ""), side, reference, r["tokens_per_sec"], "tokens/s",
+                r["tokens_per_sec"] / lm[reference, ckpt]["tokens_per_sec"],
+                f"peak memory {ratio:.0%} of {reference}'s ({r['peak_mb']:.0f} MB); perplexity {r['perplexity']:.2f}",
+                1))
     append_report(args.results, "\n".join([
         *report_heading("LoRA vs full fine-tuning, and vs the HF Trainer with the same peft config", __file__),
         "Each run a fresh child process (peak resident memory its own). peft_vs_full.py docstring: the sides.",
-        *lines, ""]))
+        *lines, "", *summaries, ""]))
 
 
 if __name__ == "__main__":

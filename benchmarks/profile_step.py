@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from common import ROOT, append_report, lightning_ft_module, report_heading  # noqa: E402
+from common import ROOT, append_report, lightning_ft_module, report_heading, summary_line  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 TASKS = {"sst2": ["dataset=sst2", f"dataset.data_dir={DATA / 'glue_sst2'}"],
@@ -126,7 +126,9 @@ def main() -> None:
         f"{flops / seconds / 1e9:.1f} GFLOP/s against this CPU's best bf16 matrix product, {peak / 1e9:.1f} GFLOP/s "
         f"({args.threads} threads, 2048x2048): **MFU {flops / seconds / peak:.1%}**.\n",
         "| spent on | ms a step | share |", "|---|---|---|", *rows, "",
-        f"The largest of the other operators: {largest}.", ""])
+        f"The largest of the other operators: {largest}.", "",
+        summary_line(f"Step profile, MiniLM, {args.task}, packed, bf16", "lightning_ft", "", None, "", None,
+                     f"MFU {flops / seconds / peak:.1%} of this CPU's best bf16 matrix product", 1), ""])
     append_report(args.results, report)
 
 

@@ -25,6 +25,7 @@ import collections
 import json
 import os
 import re
+import statistics
 import string
 import subprocess
 import sys
@@ -40,13 +41,16 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from common import (  # noqa: E402
     MINILM,
+    PRECISIONS,
     ROOT,
     append_report,
     hf_timer,
     lightning_ft_module,
     lightning_timer,
+    metric_words,
     paired_table,
     report_heading,
+    summary_line,
 )
 
 DATA = ROOT.parent / "shared" / "data"
@@ -429,7 +433,7 @@ def main() -> None:
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    precision = "bf16-mixed" if args.precision == "bf16" else "32-true"
+    precision = PRECISIONS[args.precision]
     if args.memory_child:
         paths = {name: Path(args.folder) / f"{name}.json" for name in ("train", "validation", "full")}
         result = evaluate_model(args.memory_child, args.model, paths, "full", precision)
@@ -444,7 +448,7 @@ def main() -> None:
         folder = Path(tempfile.mkdtemp(prefix="qa_bench_"))
         paths = write_split(folder, limit)
     print(f"run folder: {folder}", flush=True)
-    lines = []
+    lines, summaries = [], []
     if "squad" not in args.skip:
         runs, by_seed = {}, {"hf_trainer": [], "lightning_ft": []}
         for seed in args.seeds:  # the same seeds for both sides; the first seed's files keep their old names
@@ -474,6 +478,14 @@ def main() -> None:
             lines.append(f"| {side} | {r['exact_match']:.2f} | {r['f1']:.2f} | {rate:.1f} | {rate / base:.2f} | "
                          f"{1 - r['real_tokens'] / r['tokens']:.1%} | {r['seconds'] / 60:.1f} | "
                          f"{r['eval_seconds']:.0f} |")
+        hf_rate = statistics.median(r["windows"] / r["seconds"] for r in by_seed["hf_trainer"])
+        for side, rs in by_seed.items():
+            rate = statistics.median(r["windows"] / r["seconds"] for r in rs)
+            base = None if side == "hf_trainer" else [r["f1"] for r in by_seed["hf_trainer"]]
+            summaries.append(summary_line(
+                f"SQuAD v1.1, MiniLM, {limit or 'all'} questions, {args.epochs} epoch(s), {args.precision}", side,
+                "hf_trainer", rate, "windows/s", rate / hf_rate,
+                metric_words("held-out F1", [r["f1"] for r in rs], base, digits=2), len(rs)))
         if len(args.seeds) > 1:
             lines += [f"\nOver seeds {', '.join(map(str, args.seeds))} (the table above: seed {args.seeds[0]}), "
                       "each side's own evaluation, paired by seed:\n",
@@ -517,11 +529,16 @@ def main() -> None:
             *[f"| {side} | {r['accuracy']:.4f} | {r['samples'] / r['seconds']:.1f} | "
               f"{r['samples'] / r['seconds'] / base:.2f} |" for side, r in obqa.items()],
         ]
+        summaries += [summary_line(f"OpenBookQA, MiniLM, {OBQA_EPOCHS} epochs, {args.precision}", side, "hf_trainer",
+                                   r["samples"] / r["seconds"], "examples/s", r["samples"] / r["seconds"] / base,
+                                   f"dev accuracy {r['accuracy']:.4f}", 1) for side, r in obqa.items()]
     report = "\n".join([
         *report_heading("Extractive QA (SQuAD v1.1 split by article) and OpenBookQA vs the HF examples", __file__),
         f"Precision: {precision}. {Path(__file__).name} docstring: what each side does."
         + (f" Training figures and models: the earlier run in {folder} (--reuse)." if args.reuse else ""),
         *lines,
+        "",
+        *summaries,
         "",
     ])
     append_report(args.results, report)

@@ -36,7 +36,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import sacrebleu  # noqa: E402
 import torch  # noqa: E402
-from common import ROOT, append_report, hf_timer, lightning_ft_module, lightning_timer, report_heading  # noqa: E402
+from common import (  # noqa: E402
+    ROOT,
+    append_report,
+    hf_timer,
+    lightning_ft_module,
+    lightning_timer,
+    report_heading,
+    summary_line,
+)
 
 MULTI30K = ROOT.parent / "shared" / "data" / "multi30k"
 SPLITS = {"train": "train", "validation": "val", "test": "test_2016_flickr"}
@@ -255,6 +263,12 @@ def main() -> None:
                  f"\"{hf_generation['sample']['prediction']}\"; lightning_ft "
                  f"\"{ours['bf16-mixed']['sample']['prediction']}\"; reference "
                  f"\"{hf_generation['sample']['references'][0]}\".")
+    lines.append("")
+    for side, r in runs.items():  # BLEU of the bf16-autocast generation, which both sides have
+        lines.append(summary_line(
+            f"Multi30k de->en, small T5 from scratch, {args.epochs} epochs, bf16", side, "hf_trainer",
+            r["samples"] / r["seconds"], "pairs/s", r["samples"] / r["seconds"] / base_rate,
+            f"test BLEU {next(r[p] for p in PRECISIONS if p in r)['bleu']:.2f} (seed {args.seed})", 1))
     report = "\n".join([
         *report_heading("Translation from scratch (Multi30k de->en, small T5) vs the HF Seq2SeqTrainer", __file__),
         f"{Path(__file__).name} docstring: what each side does. HF ran first, then lightning_ft, seed {args.seed}.",

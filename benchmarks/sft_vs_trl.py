@@ -47,6 +47,7 @@ from common import (  # noqa: E402
     lightning_ft_module,
     lightning_timer,
     report_heading,
+    summary_line,
     timed_trainer,
 )
 
@@ -273,6 +274,11 @@ def main() -> None:
             f"{r['answered_in_format']}/{r['problems']} | {f'{rate:.0f}' if rate else ''} | {versus[0]} | "
             f"{versus[1]} | {minutes} | {steps} | {r.get('peak_rss_mib', 0):.0f} |")
     tokens = {s: results[s]["tokens"] for s in trained}
+    summaries = [summary_line(
+        f"SFT, SmolLM2-135M-Instruct + LoRA, {args.train_rows} GSM8K problems, 1 epoch, bf16", side, "trl",
+        rates.get(side), "tokens/s", rates[side] / rates["trl"] if side in rates and "trl" in rates else None,
+        f"test answer-token loss {r['test_loss']:.4f}; exact match {r['correct']}/{r['problems']}", 1)
+        for side, r in results.items()]
     import trl
 
     report = "\n".join([
@@ -286,6 +292,8 @@ def main() -> None:
         f"per side: {tokens}.",
         "",
         *lines,
+        "",
+        *summaries,
         "",
     ])
     append_report(args.results, report)

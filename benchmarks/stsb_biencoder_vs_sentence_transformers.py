@@ -31,6 +31,7 @@ from common import (  # noqa: E402
     lightning_ft_module,
     lightning_timer,
     report_heading,
+    summary_line,
     timed_trainer,
 )
 
@@ -156,6 +157,11 @@ def main() -> None:
         spearmans = ", ".join(f"{r['spearman']:.4f}" for r in results)
         rows.append(f"| {name} | {rate(name):.1f} | **{rate(name) / base:.3f}** | "
                     f"{statistics.median(r['seconds'] for r in results) / 60:.1f} | {spearmans} |")
+    summaries = [summary_line(
+        f"STS-B bi-encoder, MiniLM, {args.epochs} epochs, fp32", name, "sentence-transformers", rate(name),
+        "pairs/s", rate(name) / base if base == base else None,
+        "dev Spearman " + ", ".join(f"{r['spearman']:.4f}" for r in results), len(results))
+        for name, results in runs.items()]
     own = [f"{r['own_metric']:.4f}" for name in runs if name.startswith("lightning_ft") for r in runs[name]]
     report = "\n".join([
         *report_heading("STS-B bi-encoder, MiniLM-L6: lightning_ft vs sentence-transformers' trainer", __file__),
@@ -169,6 +175,8 @@ def main() -> None:
         "| run | train pairs/s | ratio to sentence-transformers | train minutes | STS-B dev Spearman |",
         "|---|---|---|---|---|",
         *rows,
+        "",
+        *summaries,
         "",
     ])
     append_report(args.results, report)
