@@ -141,14 +141,10 @@ def append_report(path: str, report: str) -> None:
     from summary import rebuild
 
     print(report)
-    with open(path, "a") as f:
-        f.write(report)
-    text = Path(path).read_text()
-    rebuilt = rebuild(text)
-    if rebuilt != text:
-        tmp = Path(f"{path}.tmp")
-        tmp.write_text(rebuilt)
-        tmp.replace(path)
+    results = Path(path)
+    tmp = Path(f"{path}.tmp")  # written whole, then renamed: an interrupted run leaves the old file as it was
+    tmp.write_text(rebuild((results.read_text() if results.exists() else "") + report))
+    tmp.replace(results)
 
 
 def summary_line(task: str, side: str, peer: str, rate: float | None, unit: str, ratio: float | None, metric: str,

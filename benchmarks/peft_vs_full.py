@@ -9,8 +9,9 @@ each run is a fresh child process, so its peak resident memory is its own. Check
 and head).
 
 SmolLM2-135M-Instruct (``backbone=smollm2_gguf``) as a causal LM on Tiny Shakespeare: full fine-tuning against
-LoRA, with and without gradient checkpointing, the same ``--lm-steps`` steps: train tokens/s, peak resident memory,
-validation perplexity.
+LoRA, with and without gradient checkpointing, the same ``--lm-steps`` steps of 4 blocks of ``--lm-block-size``
+tokens: train tokens/s, peak resident memory, validation perplexity. The block size sets how much of the peak is
+activations (which LoRA does not shrink) rather than gradients and optimizer state (which it does).
 
     python benchmarks/peft_vs_full.py --train-rows 4000 --lrs 5e-5 5e-4 --lm-steps 30
 """
@@ -128,12 +129,12 @@ def hf_peft_sst2(r: int, lr: float, rows: int, seed: int, precision: str) -> dic
             "checkpoint_mb": size / 2**20}
 
 
-def lightning_ft_lm(side: str, steps: int, checkpointing: bool, seed: int, precision: str) -> dict:
+def lightning_ft_lm(side: str, steps: int, block_size: int, checkpointing: bool, seed: int, precision: str) -> dict:
     import pytorch_lightning as pl
 
     overrides = ["task=clm", "backbone=smollm2_gguf", "dataset=tiny_shakespeare",
                  f"dataset.data_dir={DATA / 'tiny_shakespeare'}", "dataset.data_files.train=input.txt",
-                 "dataset.val_fraction=0.1", "dataset.block_size=256", "dataset.batch_size=4",
+                 "dataset.val_fraction=0.1", f"dataset.block_size={block_size}", "dataset.batch_size=4",
                  "optim.lr=" + ("1e-4" if side == "full" else "5e-4"),
                  f"backbone.gradient_checkpointing={checkpointing}", *SIDES[side]]
     module, datamodule = lightning_ft_module(overrides, seed)
@@ -159,7 +160,7 @@ def child(args: argparse.Namespace) -> None:
                   if side.startswith("hf_peft") else
                   lightning_ft_sst2(side, args.lr, args.train_rows, args.seed, precision))
     else:
-        result = lightning_ft_lm(side, args.lm_steps, args.checkpointing, args.seed, precision)
+        result = lightning_ft_lm(side, args.lm_steps, args.lm_block_size, args.checkpointing, args.seed, precision)
     result["peak_mb"] = peak_mb()
     Path(args.out).write_text(json.dumps(result))
 
@@ -169,7 +170,8 @@ def spawn(what: str, args: argparse.Namespace, **extra: object) -> dict:
         out = handle.name
     command = [sys.executable, __file__, "--child", what, "--out", out, "--threads", str(args.threads),
                "--precision", args.precision,
-               "--train-rows", str(args.train_rows), "--lm-steps", str(args.lm_steps), "--seed", str(args.seed)]
+               "--train-rows", str(args.train_rows), "--lm-steps", str(args.lm_steps), "--lm-block-size",
+               str(args.lm_block_size), "--seed", str(args.seed)]
     for key, value in extra.items():
         command += [f"--{key.replace('_', '-')}", str(value)]
     subprocess.run(command, check=True)
@@ -184,6 +186,7 @@ def main() -> None:
     parser.add_argument("--train-rows", type=int, default=4000)
     parser.add_argument("--lrs", type=float, nargs="+", default=[5e-5, 5e-4])
     parser.add_argument("--lm-steps", type=int, default=30)
+    parser.add_argument("--lm-block-size", type=int, default=256, help="tokens per block, 4 blocks a step")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--precision", default="bf16", choices=list(PRECISIONS),
@@ -229,8 +232,8 @@ def main() -> None:
         lm = {(side, ckpt): spawn(f"lm:{side}", args, checkpointing=ckpt)
               for side in args.lm_sides for ckpt in (False, True)}
         lines += [f"\nSmolLM2-135M-Instruct (GGUF), causal LM on Tiny Shakespeare, {args.lm_steps} steps of 4 blocks "
-                  f"of 256 tokens, {args.precision} (lr 1e-4 full, 5e-4 LoRA); validation over 20 batches. Peak "
-                  "after loading: the process's peak before training starts (model, data):\n",
+                  f"of {args.lm_block_size} tokens, {args.precision} (lr 1e-4 full, 5e-4 LoRA); validation over 20 "
+                  "batches. Peak after loading: the process's peak before training starts (model, data):\n",
                   "| side | gradient checkpointing | train tokens/s | peak resident MB | peak after loading MB | "
                   f"vs {reference}, same checkpointing | validation perplexity |", "|---|---|---|---|---|---|---|"]
         for (side, ckpt), r in lm.items():
@@ -238,7 +241,8 @@ def main() -> None:
             lines.append(f"| {side} | {ckpt} | {r['tokens_per_sec']:.0f} | {r['peak_mb']:.0f} | "
                          f"{r['loaded_mb']:.0f} | {ratio:.0%} | {r['perplexity']:.2f} |")
             summaries.append(summary_line(
-                f"LoRA vs full, SmolLM2-135M CLM, {args.lm_steps} steps, {args.precision}"
+                f"LoRA vs full, SmolLM2-135M CLM, {args.lm_steps} steps"
+                + (f" of 4 x {args.lm_block_size} tokens" if args.lm_block_size != 256 else "") + f", {args.precision}"
                 + (", gradient checkpointing" if ckpt else ""), side, reference, r["tokens_per_sec"], "tokens/s",
                 r["tokens_per_sec"] / lm[reference, ckpt]["tokens_per_sec"],
                 f"peak memory {ratio:.0%} of {reference}'s ({r['peak_mb']:.0f} MB); perplexity {r['perplexity']:.2f}",
