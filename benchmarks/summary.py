@@ -81,7 +81,7 @@ def main() -> None:
     text = path.read_text()
     if BEGIN not in text or END not in text:
         parser.error(f"{path} has no summary table markers: put the lines {BEGIN!r} and {END!r} where it goes.")
-    tmp = path.with_suffix(".tmp")
+    tmp = Path(f"{path}.tmp")  # written whole, then renamed, as append_report does
     tmp.write_text(rebuild(text))
     tmp.replace(path)
     print(f"rebuilt the summary table of {path} from {len(records(text))} summary lines")
