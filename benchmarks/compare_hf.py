@@ -253,21 +253,21 @@ def main() -> None:
                              if "compile_graphs" in r else ""), flush=True)
             reference = statistics.median(r["samples"] / r["seconds"] for r in runs[sides[0]])
             for side in sides:
-                rates = [r["samples"] / r["seconds"] for r in runs[side]]
+                rate = statistics.median(r["samples"] / r["seconds"] for r in runs[side])
                 padded = statistics.median(r["tokens"] / r["seconds"] for r in runs[side])
                 padding = statistics.median(1 - r["real_tokens"] / r["tokens"] for r in runs[side])
                 metrics = [r["metric"] for r in runs[side]]
                 wait = (f"{statistics.median(r['data_wait'] for r in runs[side]):.1%}"
                         if "data_wait" in runs[side][0] else "")
                 table.append(
-                    f"| {precision} | {side} | {statistics.median(rates):.1f} | "
-                    f"**{statistics.median(rates) / reference:.2f}** | {padded:.0f} | {padding:.1%} | {wait} | "
+                    f"| {precision} | {side} | {rate:.1f} | "
+                    f"**{rate / reference:.2f}** | {padded:.0f} | {padding:.1%} | {wait} | "
                     f"{statistics.median(r['seconds'] for r in runs[side]) / 60:.1f} | {statistics.median(metrics):.4f}"
                     f" | {', '.join(f'{m:.4f}' for m in metrics)} |")
                 base = None if side == sides[0] else [r["metric"] for r in runs[sides[0]]]
                 summaries.append(summary_line(
                     f"{TASKS[task]['short']}, {size}, {args.epochs} epoch(s), {precision}", side, sides[0],
-                    statistics.median(rates), "samples/s", statistics.median(rates) / reference,
+                    rate, "samples/s", rate / reference,
                     metric_words(f"dev {TASKS[task]['metric']}", metrics, base), args.repeats))
         paired = []
         for precision in args.precision:

@@ -159,7 +159,7 @@ def main() -> None:
                     f"{statistics.median(r['seconds'] for r in results) / 60:.1f} | {spearmans} |")
     summaries = [summary_line(
         f"STS-B bi-encoder, MiniLM, {args.epochs} epochs, fp32", name, "sentence-transformers", rate(name),
-        "pairs/s", rate(name) / base if base == base else None,
+        "pairs/s", rate(name) / base if "sentence-transformers" in runs else None,
         "dev Spearman " + ", ".join(f"{r['spearman']:.4f}" for r in results), len(results))
         for name, results in runs.items()]
     own = [f"{r['own_metric']:.4f}" for name in runs if name.startswith("lightning_ft") for r in runs[name]]

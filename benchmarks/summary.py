@@ -44,16 +44,13 @@ def records(text: str) -> list[dict]:
 
 def table(found: list[dict]) -> list[str]:
     """The markdown table of the latest record of each (task, side), in the order they first appear."""
-    latest: dict[tuple[str, str], dict] = {}
-    for record in found:
-        latest[record["task"], record["side"]] = record  # a re-run keeps its first run's place
-    order = list(dict.fromkeys(task for task, _ in latest))
+    by_task: dict[str, dict[str, dict]] = {}
+    for record in found:  # a re-run keeps its first run's place
+        by_task.setdefault(record["task"], {})[record["side"]] = record
     rows = ["| task | side | rate | ratio (same run) | metric | seeds | date | command |",
             "|---|---|---|---|---|---|---|---|"]
-    for task in order:
-        for (each, side), r in latest.items():
-            if each != task:
-                continue
+    for task, sides in by_task.items():
+        for side, r in sides.items():
             rate = "" if r["rate"] is None else f"{r['rate']:g} {r['unit']}"
             ratio = "" if r["ratio"] is None else f"**{r['ratio']:.2f}x** {r['peer']}"
             date = r["date"] + (" †" if r.get("transcribed") else "")

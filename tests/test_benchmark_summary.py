@@ -20,7 +20,7 @@ def section(title: str, date: str, command: str, *lines: str) -> str:
     return "\n".join([f"\n## {title} ({date})\n", f"Command: `{command}`  ", "Machine: test  ", "", *lines, ""])
 
 
-def test_the_table_holds_each_task_and_sides_latest_line_with_its_sections_date_and_command(summary, monkeypatch):
+def test_the_table_holds_each_task_and_sides_latest_line_with_its_sections_date_and_command(summary):
     import common
 
     line = common.summary_line
