@@ -14,8 +14,11 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from torchmetrics import MeanMetric, MetricCollection
+from transformers.modeling_outputs import CausalLMOutput
 
+from lightning_ft import chunked_loss
 from lightning_ft import packing as packed
 from lightning_ft import peft as adapters
 from lightning_ft.backbones import enable_gradient_checkpointing, freeze, load_model
@@ -107,6 +110,7 @@ class TaskModule(pl.LightningModule):
     default_monitor: tuple[str, str] = ("val/loss", "min")
     non_model_keys: tuple[str, ...] = ()  # batch entries the metrics read but the model does not take
     packed_output = "logits"  # the per-token output that a packed forward hands back one row per example
+    chunked_loss = False  # a causal-LM task sets it where the backbone allows: the training loss without logits
 
     def __init__(
         self,
@@ -212,6 +216,9 @@ class TaskModule(pl.LightningModule):
     def forward(self, **inputs: Any) -> Any:
         inputs = {k: v for k, v in inputs.items() if k not in self.non_model_keys}
         if not packed.is_packed(inputs):
+            if self.chunked_loss and self.training and "labels" in inputs:
+                labels = inputs.pop("labels")
+                return CausalLMOutput(loss=chunked_loss.causal_lm_loss(self.model, inputs, labels))
             return self.model(**inputs)
         layout = {key: inputs.pop(key) for key in packed.LAYOUT_KEYS}
         dtype = next(self.model.parameters()).dtype
@@ -450,6 +457,16 @@ class TaskModule(pl.LightningModule):
         states = checkpoint.get("rng_states") or []
         rank = self.trainer.global_rank if self._trainer is not None else 0
         self._rng_to_restore = states[rank] if rank < len(states) else (states[0] if states else None)
+
+    def on_fit_start(self) -> None:
+        # The chunked loss reads the output weight outside the output layer's forward: under FSDP or DeepSpeed that
+        # weight may be a shard there, so those strategies compute the logits as the model does.
+        strategy = self.trainer.strategy
+        if self.chunked_loss and (not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy))
+                                  or isinstance(strategy, DeepSpeedStrategy)):  # (a DDPStrategy subclass)
+            log.info("task.chunked_loss: off under %s (the logits are computed in full)",
+                     type(strategy).__name__)
+            self.chunked_loss = False
 
     def on_train_start(self) -> None:
         # Restored here, after the sanity check and loader set-up, right before the first resumed training step.

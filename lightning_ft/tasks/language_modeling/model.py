@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torchmetrics import MetricCollection
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
+from lightning_ft import chunked_loss as chunked
 from lightning_ft.errors import UserError
 from lightning_ft.metrics.language_modeling import Perplexity
 from lightning_ft.tasks.base import TaskModule
@@ -61,6 +62,8 @@ class LanguageModelingTask(TaskModule):
             each validation.
         prompt_tokens, sample_tokens: the prompt length (the first tokens of a validation block) and how many
             tokens each example generates.
+        chunked_loss: causal LM only: the training loss computed chunk by chunk without the full logits
+            (``lightning_ft.chunked_loss``); false (default): off, null: where the backbone allows it, true: required.
     """
 
     default_monitor = ("val/perplexity", "min")
@@ -73,6 +76,7 @@ class LanguageModelingTask(TaskModule):
         show_examples: int = 3,
         prompt_tokens: int = 16,
         sample_tokens: int = 32,
+        chunked_loss: bool | None = False,
         **kwargs: Any,
     ) -> None:
         if objective not in OBJECTIVES:
@@ -86,6 +90,7 @@ class LanguageModelingTask(TaskModule):
         self._prompts: torch.Tensor | None = None  # the first validation blocks, continued after the validation
         if document_attention == "isolated":
             self._check_isolation()
+        self.chunked_loss = chunked.resolve(self.model, chunked_loss, causal=objective == "clm")
 
     def make_metrics(self, prefix: str) -> MetricCollection:
         return MetricCollection({"perplexity": Perplexity()}, prefix=prefix)

@@ -10,6 +10,7 @@ import torch
 from torchmetrics import MetricCollection
 from transformers import AutoModelForCausalLM
 
+from lightning_ft import chunked_loss as chunked
 from lightning_ft.errors import UserError
 from lightning_ft.metrics.generation import RougeScores
 from lightning_ft.metrics.language_modeling import Perplexity
@@ -56,6 +57,9 @@ class InstructionTuningTask(TaskModule):
             config.
         answer_pattern: a regular expression for the final answer (its first group); null: no exact match.
         show_examples: generated answers printed after each evaluation.
+        chunked_loss: the training loss computed chunk by chunk over the answer tokens only, without the full
+            logits (``lightning_ft.chunked_loss``); false (default): off, null: where the backbone allows it,
+            true: required.
     """
 
     auto_class = AutoModelForCausalLM
@@ -81,6 +85,7 @@ class InstructionTuningTask(TaskModule):
         top_p: float = 1.0,
         answer_pattern: str | None = GSM8K_ANSWER,
         show_examples: int = 3,
+        chunked_loss: bool | None = False,
         **kwargs: Any,
     ) -> None:
         for key, value in (("generate_limit", generate_limit), ("test_generate_limit", test_generate_limit)):
@@ -115,6 +120,7 @@ class InstructionTuningTask(TaskModule):
             eos_token_id=stops, pad_token_id=pad_token_id, max_new_tokens=max_new_tokens, do_sample=do_sample,
             **({"temperature": temperature, "top_p": top_p} if do_sample else {"temperature": None, "top_p": None,
                                                                                   "top_k": None}))
+        self.chunked_loss = chunked.resolve(self.model, chunked_loss)
         self.rouge = RougeScores(sync_on_compute=False)  # fed every rank's answers: no sync
 
     def adjust_model(self, model: Any) -> None:
