@@ -11,7 +11,8 @@ and head).
 SmolLM2-135M-Instruct (``backbone=smollm2_gguf``) as a causal LM on Tiny Shakespeare: full fine-tuning against
 LoRA, with and without gradient checkpointing, the same ``--lm-steps`` steps of 4 blocks of ``--lm-block-size``
 tokens: train tokens/s, peak resident memory, validation perplexity. The block size sets how much of the peak is
-activations (which LoRA does not shrink) rather than gradients and optimizer state (which it does).
+activations (which LoRA does not shrink) rather than gradients and optimizer state (which it does). A side named
+``<side>_chunked`` is that side with ``task.chunked_loss=true``: the loss without the full logits.
 
     python benchmarks/peft_vs_full.py --train-rows 4000 --lrs 5e-5 5e-4 --lm-steps 30
 """
@@ -49,6 +50,8 @@ SIDES = {"full": [], "lora_r8": ["peft=lora", "peft.r=8"], "lora_r16": ["peft=lo
          # the language-model comparison's extra side: peft skips the adapters' dropout (and its copy of each
          # adapted layer's input, kept for the backward pass) when it is 0
          "lora_r8_no_dropout": ["peft=lora", "peft.r=8", "peft.dropout=0.0"]}
+# The same sides trained on the chunked loss (no full logits) rather than the model's own (the default).
+SIDES |= {f"{side}_chunked": [*overrides, "task.chunked_loss=true"] for side, overrides in list(SIDES.items())}
 SST2_SIDES = ("full", "lora_r8", "lora_r16")
 
 
