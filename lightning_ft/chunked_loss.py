@@ -5,7 +5,8 @@ tokens x 49,152 = 200 MB in fp32), held with their log-softmax for backward and 
 copies at once; with gradient checkpointing the layers' activations shrink but they do not. Here the output layer
 and the loss run over a chunk of tokens at a time (``CHUNK_ELEMENTS`` logits), and each chunk's gradients (with
 respect to the hidden states and the output weight) are computed in the forward pass, so no chunk's logits outlive
-it, and nothing is recomputed. Only the labelled positions are scored: instruction tuning's prompt tokens cost no output-layer work at all.
+it, and nothing is recomputed. Only the labelled positions are scored: instruction tuning's prompt tokens cost no
+output-layer work at all.
 
 Written here because the libraries that fuse the output layer with the loss (Liger Kernel, Apple's
 cut-cross-entropy) are Triton kernels for CUDA; this runs on any device.
