@@ -167,7 +167,7 @@ def test_perplexity_over_two_ddp_processes_equals_one_process():
     assert results[0] == pytest.approx(single, rel=1e-6) and results[1] == pytest.approx(single, rel=1e-6)
 
 
-def test_isolated_documents_do_not_see_each_other_in_gpt2_and_bert_is_refused(tmp_path, bpe):
+def test_isolated_documents_do_not_see_each_other_in_gpt2_and_a_backbone_that_mixes_them_is_refused(tmp_path, bpe):
     speeches = ["ROMEO:\nBut soft, what light through yonder window breaks.", "JULIET:\nAy me, the night."] * 10
     data = _data(tmp_path, bpe, {"train": "\n\n".join(speeches), "validation": "\n\n".join(speeches)},
                  objective="clm", documents="paragraph", block_size=24, document_attention="isolated")
@@ -186,10 +186,26 @@ def test_isolated_documents_do_not_see_each_other_in_gpt2_and_bert_is_refused(tm
         shared = task(input_ids=batch["input_ids"], labels=batch["labels"]).logits[0, cut:]
     assert torch.allclose(packed, alone, atol=1e-5)
     assert not torch.allclose(shared, alone, atol=1e-3)  # without isolation the second document sees the first
-    bert = {"name": MINILM, "pretrained": False,
-            "config_overrides": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}}
-    with pytest.raises(UserError, match="bert does not isolate packed documents"):
+    # Whether a backbone isolates is probed, never listed: DeBERTa-v2 (relative positions) ignores restarting
+    # position ids; BERT does too up to transformers 5.24, and from 5.25 its bidirectional mask reads packed
+    # sequences from them. Either way the probe's answer must be what the model does.
+    small = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+             "vocab_size": 100}
+    deberta = {"name": None, "model_type": "deberta-v2", "pretrained": False, "config_overrides": small}
+    with pytest.raises(UserError, match="deberta-v2 does not isolate packed documents"):
+        LanguageModelingTask(objective="mlm", backbone=deberta, document_attention="isolated")
+    bert = {"name": None, "model_type": "bert", "pretrained": False, "init_seed": 0,
+            "config_overrides": {**small, "initializer_range": 0.5}}  # large weights: attention that matters
+    model = LanguageModelingTask(objective="mlm", backbone=bert).model.eval()
+    ids, positions = torch.arange(5, 14)[None], torch.tensor([[*range(5), *range(4)]])
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=positions).logits[0, 5:]
+        alone = model(input_ids=ids[:, 5:]).logits[0]
+    if torch.allclose(packed, alone, atol=1e-4):
         LanguageModelingTask(objective="mlm", backbone=bert, document_attention="isolated")
+    else:
+        with pytest.raises(UserError, match="bert does not isolate packed documents"):
+            LanguageModelingTask(objective="mlm", backbone=bert, document_attention="isolated")
 
 
 def test_isolated_positions_restart_in_each_block_for_documents_longer_than_one(tmp_path, bpe):
