@@ -5,7 +5,8 @@ of 8,000 tokens is trained on the training text (source and target) by ``lightni
 sides use it. Both build the same small T5 from a config (``conf/backbone/t5_small_scratch.yaml``: 3+3 layers, 256
 wide) with the same seed (``--seed``, default 42), and train it with the same data, batch (64), steps (``--epochs``
 epochs), AdamW (lr 1e-3, weight decay 0.01, none on biases and norms), linear schedule with 5% warmup, clipping at
-1.0, max lengths 128, bf16 autocast, and no evaluation inside the timed training.
+1.0, max lengths 128, bf16 autocast (``--precision fp32``: none, for a CPU without native bf16), and no evaluation
+inside the timed training.
 
 - HF side: the ``run_translation.py`` recipe written out: its ``preprocess_function``, ``DataCollatorForSeq2Seq``
   (dynamic padding, labels padded with -100), ``Seq2SeqTrainer`` with ``predict_with_generate``; the run_translation
@@ -16,6 +17,8 @@ epochs), AdamW (lr 1e-3, weight decay 0.01, none on biases and norms), linear sc
   second run of 2026-11-24 showed that this cost 1.4 BLEU; ``dataset.group_by_length=true`` for them), trained by a
   Lightning Trainer; test generation by ``trainer.test`` under the run's bf16 autocast (like for like with the
   HF side), and again in fp32.
+- ``lightning_ft_packed`` (``--sides``): the same with ``dataset.packing=true``: each batch's sources packed into rows,
+  each target in its source's row, attention and cross-attention confined to each pair (no padding on either side).
 
 Both generate the test split with beam search (4 beams, at most 48 new tokens) and are scored by sacreBLEU on the raw
 reference text. Train throughput: pairs/s and real (non-padding) source+target tokens/s over the timed training.
@@ -37,6 +40,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import sacrebleu  # noqa: E402
 import torch  # noqa: E402
 from common import (  # noqa: E402
+    PRECISIONS,
     ROOT,
     append_report,
     hf_timer,
@@ -49,7 +53,8 @@ from common import (  # noqa: E402
 MULTI30K = ROOT.parent / "shared" / "data" / "multi30k"
 SPLITS = {"train": "train", "validation": "val", "test": "test_2016_flickr"}
 BATCH, LR, DECAY, WARMUP, MAX_LEN, BEAMS, MAX_NEW, VOCAB = 64, 1e-3, 0.01, 0.05, 128, 4, 48, 8000
-PRECISIONS = ("bf16-mixed", "32-true")  # what each side's result holds generation figures under
+GENERATIONS = ("bf16-mixed", "32-true")  # what each side's result holds generation figures under
+SIDES = {"hf_trainer": [], "lightning_ft": [], "lightning_ft_packed": ["dataset.packing=true"]}
 
 
 def read_split(name: str, limit: int | None = None) -> tuple[list[str], list[str]]:
@@ -69,12 +74,13 @@ def t5_overrides() -> dict:
 def real_tokens(batch) -> tuple[int, int]:
     """Non-padding tokens of a batch (source + target) and all tokens, padding included."""
     labels = batch["labels"]
-    real = int(batch["attention_mask"].sum()) + int((labels != -100).sum())
+    sources = batch["example_lengths"] if "example_lengths" in batch else batch["attention_mask"]  # packed or not
+    real = int(sources.sum()) + int((labels != -100).sum())
     return real, batch["input_ids"].numel() + labels.numel()
 
 
 def lightning_ft_translation(tokenizer_dir: Path, data_dir: Path, epochs: int, extra: list[str],
-                             seed: int) -> dict:
+                             seed: int, precision: str) -> dict:
     import pytorch_lightning as pl
 
     overrides = ["experiment=t5_multi30k", f"dataset.data_dir={data_dir}", f"backbone.tokenizer={tokenizer_dir}",
@@ -92,21 +98,21 @@ def lightning_ft_translation(tokenizer_dir: Path, data_dir: Path, epochs: int, e
             counts["all"] += every
 
     timer = lightning_timer()
-    trainer = pl.Trainer(accelerator="cpu", devices=1, precision="bf16-mixed", max_epochs=epochs,
+    trainer = pl.Trainer(accelerator="cpu", devices=1, precision=precision, max_epochs=epochs,
                          gradient_clip_val=1.0, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[timer, Tokens()])
     trainer.fit(module, datamodule=datamodule)
     result = {"seconds": timer.seconds, "samples": timer.samples, "real_tokens": counts["real"],
               "tokens": counts["all"], "steps": trainer.global_step}
-    for precision in ("bf16-mixed", "32-true"):
-        evaluator = pl.Trainer(accelerator="cpu", devices=1, precision=precision, logger=False,
+    for generation in GENERATIONS if precision == "bf16-mixed" else ("32-true",):
+        evaluator = pl.Trainer(accelerator="cpu", devices=1, precision=generation, logger=False,
                                enable_progress_bar=False, enable_model_summary=False)
         started = time.perf_counter()
         scores = evaluator.test(module, datamodule=datamodule, verbose=False)[0]
         seconds = time.perf_counter() - started
         rows = list(module.predictions["test"].values())
-        result[precision] = {
+        result[generation] = {
             "generate_seconds": seconds, "sentences": len(rows), "own_bleu": scores["test/bleu"],
             "bleu": sacrebleu.corpus_bleu([r["prediction"] for r in rows], [[r["references"][0] for r in rows]]).score,
             "sample": rows[0],
@@ -115,7 +121,7 @@ def lightning_ft_translation(tokenizer_dir: Path, data_dir: Path, epochs: int, e
 
 
 def hf_seq2seq_trainer(tokenizer_dir: Path, epochs: int, out: Path, train_pairs: int | None,
-                       seed: int) -> dict:
+                       seed: int, precision: str) -> dict:
     import datasets
     import numpy as np
     from transformers import (
@@ -167,7 +173,8 @@ def hf_seq2seq_trainer(tokenizer_dir: Path, epochs: int, out: Path, train_pairs:
         output_dir=str(out), per_device_train_batch_size=BATCH, per_device_eval_batch_size=2 * BATCH,
         learning_rate=LR, weight_decay=DECAY, max_grad_norm=1.0, num_train_epochs=epochs, lr_scheduler_type="linear",
         warmup_steps=WARMUP, logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[],
-        use_cpu=True, seed=seed, dataloader_num_workers=0, disable_tqdm=True, bf16=True, predict_with_generate=True,
+        use_cpu=True, seed=seed, dataloader_num_workers=0, disable_tqdm=True, bf16=precision == "bf16-mixed",
+        predict_with_generate=True,
     )
     trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=train, data_collator=collate,
                              processing_class=tokenizer, callbacks=[timer])
@@ -192,6 +199,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5, help="5 take the HF side about 32 minutes here")
     parser.add_argument("--train-pairs", type=int, default=None, help="use the first N training pairs (smoke runs)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", default="bf16", choices=sorted(PRECISIONS))
+    parser.add_argument("--sides", nargs="+", default=["hf_trainer", "lightning_ft"], choices=list(SIDES),
+                        help="hf_trainer is the peer of every ratio and always runs")
     parser.add_argument("--seed", type=int, default=42, help="both sides' seed: model init, data order, dropout")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     parser.add_argument("--lightning-ft-override", action="append", default=[], metavar="KEY=VALUE",
@@ -224,19 +234,23 @@ def main() -> None:
         tokenizer = train_tokenizer(de + en, algorithm="unigram", vocab_size=VOCAB)
         tokenizer.save_pretrained(folder / "tokenizer")
 
-    for side, run in (("hf_trainer", lambda: hf_seq2seq_trainer(folder / "tokenizer", args.epochs, folder / "hf",
-                                                                  args.train_pairs, args.seed)),
-                      ("lightning_ft", lambda: lightning_ft_translation(folder / "tokenizer", data_dir, args.epochs,
-                                                                        args.lightning_ft_override, args.seed))):
+    precision = PRECISIONS[args.precision]
+    for side in ["hf_trainer", *[s for s in args.sides if s != "hf_trainer"]]:
         if side in runs:
             continue
-        runs[side] = run()
+        if side == "hf_trainer":
+            runs[side] = hf_seq2seq_trainer(folder / "tokenizer", args.epochs, folder / "hf", args.train_pairs,
+                                            args.seed, precision)
+        else:
+            runs[side] = lightning_ft_translation(folder / "tokenizer", data_dir, args.epochs,
+                                                  [*SIDES[side], *args.lightning_ft_override], args.seed, precision)
         (folder / f"{side}.json").write_text(json.dumps(runs[side], indent=1, ensure_ascii=False))
         print(side, json.dumps(runs[side], ensure_ascii=False), flush=True)
 
-    hf, ours = runs["hf_trainer"], runs["lightning_ft"]
+    hf = runs["hf_trainer"]
+    ours = next(r for side, r in runs.items() if side != "hf_trainer")
     base_rate, base_tokens = hf["samples"] / hf["seconds"], hf["real_tokens"] / hf["seconds"]
-    hf_generation = next(hf[p] for p in PRECISIONS if p in hf)
+    hf_generation = next(hf[p] for p in GENERATIONS if p in hf)
     base_generation = hf_generation["sentences"] / hf_generation["generate_seconds"]
     lines = [
         f"\nMulti30k de->en, {ours['samples'] // args.epochs:,} training pairs, {args.epochs} epochs "
@@ -248,7 +262,7 @@ def main() -> None:
     ]
     for side, r in runs.items():
         rate, tokens = r["samples"] / r["seconds"], r["real_tokens"] / r["seconds"]
-        generations = [(p, r[p]) for p in PRECISIONS if p in r]
+        generations = [(p, r[p]) for p in GENERATIONS if p in r]
         for i, (precision, g) in enumerate(generations):
             speed = g["sentences"] / g["generate_seconds"]
             padding = 1 - r["real_tokens"] / r["tokens"]
@@ -256,22 +270,26 @@ def main() -> None:
                         f"{r['seconds'] / 60:.1f}") if i == 0 else " | | | |"
             lines.append(f"| {side} | {g['bleu']:.2f} | {training} | {speed:.1f} ({precision}) | "
                          f"{speed / base_generation:.2f} |")
-    lines.append(f"\nlightning_ft's own test/bleu metric: {ours['bf16-mixed']['own_bleu']:.2f} (bf16) / "
-                 f"{ours['32-true']['own_bleu']:.2f} (fp32), against sacreBLEU on its predictions: "
-                 f"{ours['bf16-mixed']['bleu']:.2f} / {ours['32-true']['bleu']:.2f}. Train pairs/s ratio: "
-                 f"{ours['samples'] / ours['seconds'] / base_rate:.2f}. First test sentence: HF "
-                 f"\"{hf_generation['sample']['prediction']}\"; lightning_ft "
-                 f"\"{ours['bf16-mixed']['sample']['prediction']}\"; reference "
+    for side, r in runs.items():
+        if side == "hf_trainer":
+            continue
+        own = [f"{r[p]['own_bleu']:.2f} / {r[p]['bleu']:.2f} ({p})" for p in GENERATIONS if p in r]
+        lines.append(f"\n{side}: its own test/bleu metric / sacreBLEU on its predictions: {'; '.join(own)}. Train "
+                     f"pairs/s ratio: {r['samples'] / r['seconds'] / base_rate:.2f}. First test sentence: "
+                     f"\"{next(r[p] for p in GENERATIONS if p in r)['sample']['prediction']}\".")
+    lines.append(f"\nFirst test sentence: HF \"{hf_generation['sample']['prediction']}\"; reference "
                  f"\"{hf_generation['sample']['references'][0]}\".")
     lines.append("")
-    for side, r in runs.items():  # BLEU of the bf16-autocast generation, which both sides have
+    pairs = f", {args.train_pairs} pairs" if args.train_pairs else ""
+    for side, r in runs.items():  # BLEU of the generation in the training's precision, which every side has
         lines.append(summary_line(
-            f"Multi30k de->en, small T5 from scratch, {args.epochs} epochs, bf16", side, "hf_trainer",
-            r["samples"] / r["seconds"], "pairs/s", r["samples"] / r["seconds"] / base_rate,
-            f"test BLEU {next(r[p] for p in PRECISIONS if p in r)['bleu']:.2f} (seed {args.seed})", 1))
+            f"Multi30k de->en, small T5 from scratch{pairs}, {args.epochs} epochs, {args.precision}", side,
+            "hf_trainer", r["samples"] / r["seconds"], "pairs/s", r["samples"] / r["seconds"] / base_rate,
+            f"test BLEU {next(r[p] for p in GENERATIONS if p in r)['bleu']:.2f} (seed {args.seed})", 1))
     report = "\n".join([
         *report_heading("Translation from scratch (Multi30k de->en, small T5) vs the HF Seq2SeqTrainer", __file__),
-        f"{Path(__file__).name} docstring: what each side does. HF ran first, then lightning_ft, seed {args.seed}.",
+        f"{Path(__file__).name} docstring: what each side does. Sides ran one after another in this order: "
+        f"{', '.join(runs)}; seed {args.seed}.",
         *lines,
         "",
     ])

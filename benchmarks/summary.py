@@ -81,7 +81,7 @@ def main() -> None:
     tmp = Path(f"{path}.tmp")  # written whole, then renamed, as append_report does
     tmp.write_text(rebuild(text))
     tmp.replace(path)
-    print(f"rebuilt the summary table of {path} from {len(records(text))} summary lines")
+    print(f"rebuilt the summary table of {path} from {len(SUMMARY.findall(text))} summary lines")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import contextlib
 import importlib
 import importlib.util
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +158,21 @@ def load_model(
             f"backbone '{name or model_type}' is a {config.model_type} model, which {auto_class.__name__} cannot "
             f"build: this task needs {kind} model (e.g. T5, BART, Marian, mBART for seq2seq). Pick another backbone."
         ) from err
+
+
+@contextlib.contextmanager
+def evaluating(model: Any) -> Iterator[Any]:
+    """``model`` in eval mode with no gradients inside the block, and back in the mode it was in after, on an error
+    too: for the probes, predictions and generation that run in the middle of a training."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
 
 
 @contextlib.contextmanager

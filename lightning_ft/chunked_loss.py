@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from lightning_ft.backbones import evaluating
 from lightning_ft.errors import UserError
 
 CHUNK_ELEMENTS = 2**23  # logits per chunk: 32 MB in fp32 (170 tokens of a 49k vocabulary)
@@ -87,12 +88,9 @@ def skips_logits(model: Any) -> bool:
     if decoder is None or decoder is model or not isinstance(head, torch.nn.Linear) or head.bias is not None:
         return False
     ids = (torch.arange(6, device=head.weight.device) % head.weight.shape[0])[None]
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
+    with evaluating(model):
         logits = model(input_ids=ids, use_cache=False).logits
         hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
-    model.train(was_training)
     return torch.allclose((hidden @ head.weight.T).float(), logits.float(), atol=1e-4)
 
 

@@ -120,18 +120,43 @@ def pack_batch(batch: dict[str, torch.Tensor], capacity: int, token_keys: tuple[
             "example_lengths": torch.tensor(lengths)}
 
 
+def probe_ids(config: Any, count: int) -> list[int]:
+    """``count`` small token ids that are none of the model's special tokens: the packing checks' examples."""
+    special = {getattr(config, k, None) for k in ("pad_token_id", "bos_token_id", "eos_token_id",
+                                                   "decoder_start_token_id")}
+    return [i for i in range(3, 3 + count + len(special)) if i not in special][:count]
+
+
+def padded(examples: list[list[int]], fill: int = 0) -> torch.Tensor:
+    """Examples of token ids as one right-padded row each."""
+    width = max(map(len, examples))
+    return torch.tensor([x + [fill] * (width - len(x)) for x in examples])
+
+
 def attention_mask(model: Any, segments: torch.Tensor, causal: bool, dtype: torch.dtype) -> torch.Tensor:
     """The 4D mask (rows x 1 x width x width) that confines attention to each example (padding sees padding only,
     so no query row is empty), in the form the model's attention takes: booleans for SDPA, additive for eager."""
     allowed = segments[:, :, None] == segments[:, None, :]
     if causal:
         allowed &= torch.ones_like(allowed[0]).tril()
-    allowed = allowed[:, None]
+    return _as_model_mask(model, allowed[:, None], dtype)
+
+
+def cross_attention_mask(model: Any, query_segments: torch.Tensor, key_segments: torch.Tensor,
+                         dtype: torch.dtype) -> torch.Tensor:
+    """The 4D mask (rows x 1 x queries x keys) of an encoder-decoder's cross-attention on packed rows: each
+    decoder example sees its own source only. A padding query sees every key: a row full of sources has no
+    padding key, and under SDPA a query that sees no key gives NaN (its output is never read)."""
+    allowed = (query_segments[:, :, None] == key_segments[:, None, :]) | (query_segments == 0)[:, :, None]
+    return _as_model_mask(model, allowed[:, None], dtype)
+
+
+def _as_model_mask(model: Any, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     implementation = getattr(model.config, "_attn_implementation", None)
     if implementation == "sdpa":
         return allowed
     if implementation == "eager":
-        return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
             ~allowed, torch.finfo(dtype).min)
     raise UserError(f"dataset.packing=true needs the backbone's attention to take a 4D mask (sdpa or eager), not "
                     f"{implementation}: set dataset.packing=false.")

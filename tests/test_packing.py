@@ -132,6 +132,18 @@ def test_a_backbone_that_cannot_keep_packed_examples_apart_is_refused():
                                       packing=None).packs_examples
 
 
+def test_the_packing_check_leaves_the_model_in_training_mode_even_when_it_fails():
+    module = build("bert", "classification", packing=True)
+    assert module.model.training and module.packs_examples
+    backbone = {"name": None, "model_type": "deberta-v2", "pretrained": False, "config_overrides": SMALL}
+    module = TextClassificationTask(backbone=backbone, num_labels=2, id2label={0: "a", 1: "b"}, packing=None)
+    assert module.model.training and not module.packs_examples
+    module.model.eval()  # a model in eval mode stays there
+    with pytest.raises(UserError):
+        module._check_packing()
+    assert not module.model.training
+
+
 def test_packing_is_refused_for_a_task_that_does_not_pack(tmp_path):
     from lightning_ft.tasks.qa.data import QuestionAnsweringData
 

@@ -309,3 +309,86 @@ def test_a_checkpoint_is_tested_with_the_tokenizer_its_model_was_trained_with(tm
     (tmp_path / "broken.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="broken.ckpt' cannot be read, it is truncated or not a checkpoint"):
         train(compose_config([*settings, "train=false", f"ckpt_path={tmp_path / 'broken.ckpt'}"], tmp_path / "4"))
+
+
+# ---- packed rows (dataset.packing=true): sources packed, each target in its source's row ------------------------
+TWO_LAYER_T5 = {"name": None, "pretrained": False, "model_type": "t5", "init_seed": 0,
+                "config_overrides": {"d_model": 32, "d_kv": 16, "d_ff": 64, "num_layers": 2, "num_decoder_layers": 2,
+                                     "num_heads": 2, "vocab_size": 100, "dropout_rate": 0.0}}
+
+
+def _pairs_batch(source_lengths, target_lengths, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    width, target_width = max(source_lengths), max(target_lengths)
+    ids = torch.zeros(len(source_lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full((len(source_lengths), target_width), -100)
+    for i, (n, m) in enumerate(zip(source_lengths, target_lengths)):
+        ids[i, :n] = torch.randint(3, 100, (n,), generator=generator)
+        mask[i, :n] = 1
+        labels[i, :m] = torch.randint(3, 100, (m,), generator=generator)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def test_packed_source_target_pairs_give_each_example_its_padded_logits_loss_and_gradients():
+    from lightning_ft.packing import pack_batch
+    from lightning_ft.tasks.seq2seq.data import pack_targets
+
+    module = TranslationTask(backbone=TWO_LAYER_T5, packing=True)  # the packing check passes for T5
+    assert module.packs_examples
+    padded = _pairs_batch([7, 3, 12, 5, 9, 4], [2, 9, 4, 6, 3, 8])
+    rows = pack_targets(pack_batch(padded, 16, ("input_ids",), pad_id=0))
+    assert len(rows["input_ids"]) < 6 and rows["labels"].shape[0] == rows["input_ids"].shape[0]
+    alone = module.model(**padded)
+    together = module(**rows)
+    for i, n in enumerate(rows["decoder_lengths"].tolist()):
+        start, row = int(rows["decoder_starts"][i]), int(rows["example_rows"][i])
+        torch.testing.assert_close(together.logits[row, start:start + n], alone.logits[i, :n], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(together.loss, alone.loss, atol=1e-6, rtol=1e-6)  # the same mean over target tokens
+    grads = []
+    for loss in (alone.loss, together.loss):
+        module.zero_grad()
+        loss.backward(retain_graph=True)
+        grads.append({n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-4)
+
+
+def test_a_seq2seq_backbone_with_absolute_positions_is_refused_for_packing():
+    bart = {"name": None, "pretrained": False, "model_type": "bart",
+            "config_overrides": {"d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2,
+                                 "decoder_attention_heads": 2, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64,
+                                 "vocab_size": 100}}
+    refusal = r"bart with the TranslationTask head does not keep packed examples apart.*dataset\.packing=false"
+    with pytest.raises(UserError, match=refusal):
+        TranslationTask(backbone=bart, packing=True)
+    assert not TranslationTask(backbone=bart, packing=None).packs_examples  # null: padded batches, no error
+
+
+def test_a_packed_translation_trains_and_evaluates_exactly_as_padded_batches_do(tmp_path):
+    from lightning_ft.tokenizer_training import train_tokenizer as train_tok
+
+    cfg = compose_config(["task=translation", *QUICK_T5, "dataset.packing=true", "dataset.max_eval_examples=24",
+                          "trainer.precision=32-true"], tmp_path)
+    cfg.trainer.max_epochs = 1
+    datamodule = instantiate(cfg.dataset, _convert_="all")
+    datamodule.connect(train_tok(datamodule.training_texts(), **cfg.backbone.train_tokenizer))
+    datamodule.tokenizer.save_pretrained(tmp_path / "tok")
+    cfg.backbone.tokenizer = str(tmp_path / "tok")
+    module = build_task(cfg, datamodule)
+    assert module.packs_examples
+    trainer_settings = dict(callbacks=[], logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer = instantiate(cfg.trainer, **trainer_settings)
+    trainer.fit(module, datamodule=datamodule)
+    batch = next(iter(datamodule.train_dataloader()))
+    assert "decoder_segment_ids" in batch and batch["example_lengths"].sum() == (batch["segment_ids"] > 0).sum()
+    packed_scores = trainer.validate(module, datamodule=datamodule)[0]
+    packed_predictions = module.predictions["val"]
+    cfg.dataset.packing = False
+    padded_data = instantiate(cfg.dataset, _convert_="all")
+    padded_data.connect(datamodule.tokenizer)
+    assert "decoder_segment_ids" not in next(iter(padded_data.val_dataloader()))
+    padded_scores = instantiate(cfg.trainer, **trainer_settings).validate(module, datamodule=padded_data)[0]
+    assert packed_scores == pytest.approx(padded_scores, abs=1e-5) and "val/bleu" in packed_scores
+    assert module.predictions["val"] == packed_predictions  # generation read the packed sources as padded ones

@@ -316,8 +316,8 @@ class TaskDataModule(pl.LightningDataModule):
         self.group_by_length = bool(group_by_length)  # null (a task that decides for itself, left undecided): off
         if packing and self.packed_token_keys is None:
             raise UserError(f"dataset.packing=true is not available for {type(self).__name__} (text "
-                            "classification, NER, similarity and multiple choice pack their examples): set "
-                            "dataset.packing=false.")
+                            "classification, NER, similarity, multiple choice, translation and summarization pack "
+                            "their examples): set dataset.packing=false.")
         # Packed batches are a random draw of examples like shuffled ones: length grouping does not apply to them.
         # None: packed where the task module finds that its backbone keeps packed examples apart (``packs_examples``).
         self.pack_examples = packing if self.packed_token_keys is not None else False

@@ -21,7 +21,7 @@ from transformers.modeling_outputs import CausalLMOutput
 from lightning_ft import chunked_loss
 from lightning_ft import packing as packed
 from lightning_ft import peft as adapters
-from lightning_ft.backbones import enable_gradient_checkpointing, freeze, load_model
+from lightning_ft.backbones import enable_gradient_checkpointing, evaluating, freeze, load_model
 from lightning_ft.errors import UserError
 from lightning_ft.optim import parameter_groups
 
@@ -235,40 +235,44 @@ class TaskModule(pl.LightningModule):
         setattr(outputs, self.packed_output, packed.unpack(getattr(outputs, self.packed_output), layout))
         return outputs
 
-    @torch.no_grad()
     def _check_packing(self) -> None:
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            self.packing_causal = packed.is_causal(self.model)
-            self.packing_position_offset = packed.position_offset(self.model)
-            config = self.model.config
-            special = {getattr(config, k, None) for k in ("pad_token_id", "bos_token_id", "eos_token_id")}
-            ids = [i for i in range(3, 40) if i not in special][:9]
-            examples = [ids[:5], ids[5:]]
+        with evaluating(self.model):
+            alone, rows, output_of = self._packing_probe()
             device = next(self.model.parameters()).device
-            alone = [self._output_alone(torch.tensor([x], device=device)) for x in examples]
-            width = max(map(len, examples))
-            batch = {"input_ids": torch.tensor([x + [0] * (width - len(x)) for x in examples]),
-                     "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in examples])}
-            rows = packed.pack_batch(batch, 9, ("input_ids",), pad_id=0)
             try:
                 # TaskModule's forward, not a subclass's: the model and head on packed rows, as every task runs them
-                together = getattr(TaskModule.forward(self, **{k: v.to(device) for k, v in rows.items()}),
-                                   self.packed_output)
+                together = TaskModule.forward(self, **{k: v.to(device) for k, v in rows.items()})
             except (RuntimeError, ValueError, TypeError, IndexError) as err:  # e.g. an attention that takes no 4D mask
                 together, failure = None, f" ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
-        finally:
-            self.model.train(was_training)
-        for i, logits in enumerate(alone):
+        for i, output in enumerate(alone):
             if together is not None:
-                mine = together[i][: len(examples[i])] if logits.dim() > 1 else together[i]
-                if mine.shape == logits.shape and torch.allclose(mine.float(), logits.float(), atol=1e-4, rtol=1e-4):
+                mine = output_of(together, i)
+                if mine.shape == output.shape and torch.allclose(mine.float(), output.float(), atol=1e-4, rtol=1e-4):
                     continue
                 failure = ""
             raise UserError(
-                f"backbone {config.model_type} with the {type(self).__name__} head does not keep packed examples apart "
-                f"(an example packed with another gives other outputs than alone{failure}): set dataset.packing=false.")
+                f"backbone {self.model.config.model_type} with the {type(self).__name__} head does not keep packed "
+                f"examples apart (an example packed with another gives other outputs than alone{failure}): set "
+                "dataset.packing=false.")
+
+    def _packing_probe(self) -> tuple[list[torch.Tensor], dict[str, torch.Tensor], Callable[[Any, int], Any]]:
+        """What the packing check compares: two short examples' outputs run alone, the packed batch of the two, and
+        how to read example i's output from the module's forward on that batch. Sets what packed rows need from
+        the backbone (causal attention, its first position id)."""
+        self.packing_causal = packed.is_causal(self.model)
+        self.packing_position_offset = packed.position_offset(self.model)
+        ids = packed.probe_ids(self.model.config, 9)
+        examples = [ids[:5], ids[5:]]
+        device = next(self.model.parameters()).device
+        alone = [self._output_alone(torch.tensor([x], device=device)) for x in examples]
+        batch = {"input_ids": packed.padded(examples),
+                 "attention_mask": packed.padded([[1] * len(x) for x in examples])}
+
+        def output_of(outputs: Any, i: int) -> Any:
+            mine = getattr(outputs, self.packed_output)[i]
+            return mine[: len(examples[i])] if alone[i].dim() > 1 else mine
+
+        return alone, packed.pack_batch(batch, 9, ("input_ids",), pad_id=0), output_of
 
     def _output_alone(self, input_ids: torch.Tensor) -> torch.Tensor:
         """What the packing check compares: the model's ``packed_output`` for one example run alone (1 x length)."""

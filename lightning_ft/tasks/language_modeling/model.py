@@ -11,6 +11,7 @@ from torchmetrics import MetricCollection
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 from lightning_ft import chunked_loss as chunked
+from lightning_ft.backbones import evaluating
 from lightning_ft.errors import UserError
 from lightning_ft.metrics.language_modeling import Perplexity
 from lightning_ft.tasks.base import TaskModule
@@ -25,13 +26,10 @@ def isolates_packed_documents(model: Any, causal: bool = True) -> bool:
     vocab = model.get_input_embeddings().num_embeddings
     first, second = torch.arange(5, 10) % vocab, torch.arange(10, 14) % vocab
     extra = {"use_cache": False} if causal else {}
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
+    with evaluating(model):
         alone = model(input_ids=second[None], **extra).logits[0]
         packed = model(input_ids=torch.cat([first, second])[None],
                        position_ids=torch.tensor([[*range(5), *range(4)]]), **extra).logits[0, 5:]
-    model.train(was_training)
     return torch.allclose(alone.float(), packed.float(), atol=1e-4)
 
 
@@ -127,14 +125,12 @@ class LanguageModelingTask(TaskModule):
         touching the training random state)."""
         tokenizer = self.data.tokenizer
         prompts = blocks[:, : self.prompt_tokens].to(self.device)
-        was_training = self.model.training
-        self.model.eval()
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), torch.no_grad():
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), \
+                evaluating(self.model):
             torch.manual_seed(0)
             generated = self.model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts),
                                             do_sample=True, top_k=50, max_new_tokens=self.sample_tokens,
                                             pad_token_id=tokenizer.pad_token_id)
-        self.model.train(was_training)
         width = self.prompt_tokens
         return [{"row": row, "source": tokenizer.decode(prompts[row], skip_special_tokens=True),
                  "prediction": tokenizer.decode(generated[row, width:], skip_special_tokens=True),

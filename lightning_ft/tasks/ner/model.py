@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torchmetrics import MetricCollection
 from transformers import AutoModelForTokenClassification
 
+from lightning_ft.backbones import evaluating
 from lightning_ft.metrics.entity import EntityScores, is_entity_scheme
 from lightning_ft.tasks.base import TaskModule, label_maps
 from lightning_ft.tasks.ner.data import IGNORE, first_subtoken_index, require_fast_tokenizer, word_windows
@@ -92,7 +92,6 @@ class TokenClassificationTask(TaskModule):
 
 
 # ---- prediction, shared by the module, the predict command and the tests ------------------------------------------
-@torch.no_grad()
 def tag_sentences(
     model: Any, tokenizer: Any, sentences: list[list[str]], batch_size: int = 32, max_length: int = 512,
     stride: int | None = None,
@@ -100,8 +99,12 @@ def tag_sentences(
     """Tags for every word of every sentence, and how many words were beyond ``max_length`` (tagged ``O``). With a
     ``stride``, a longer sentence is read in overlapping windows (``word_windows``) and no word is lost."""
     require_fast_tokenizer(tokenizer)
-    was_training = model.training
-    model.eval()
+    with evaluating(model):
+        return _tag_sentences(model, tokenizer, sentences, batch_size, max_length, stride)
+
+
+def _tag_sentences(model: Any, tokenizer: Any, sentences: list[list[str]], batch_size: int, max_length: int,
+                   stride: int | None) -> tuple[list[list[str]], int]:
     id2label = label_maps(model.config.id2label)["id2label"]
     tags, lost = [], 0
     device = next(model.parameters()).device
@@ -109,7 +112,6 @@ def tag_sentences(
         tags = [_tag_windows(model, tokenizer, chunk, max_length, stride, id2label, device)
                 for start in range(0, len(sentences), batch_size)
                 for chunk in [sentences[start:start + batch_size]]]
-        model.train(was_training)
         return [t for chunk in tags for t in chunk], 0
     for start in range(0, len(sentences), batch_size):
         chunk = sentences[start:start + batch_size]
@@ -121,7 +123,6 @@ def tag_sentences(
             index = first_subtoken_index(encoding.word_ids(row))
             tags.append(read_word_tags(predicted[row], index, len(words), id2label))
             lost += len(words) - sum(word >= 0 for word in index)
-    model.train(was_training)
     return tags, lost
 
 

@@ -6,6 +6,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lightning_ft.data.base import SPLIT_NAMES, TaskDataModule, open_text
 from lightning_ft.errors import UserError
 
@@ -34,6 +36,7 @@ class Seq2SeqData(TaskDataModule):
 
     keep_row_index = True
     budget_columns = ("input_ids", "labels")  # the decoder's tokens cost as much as the encoder's
+    packed_token_keys = ("input_ids",)  # the sources; ``collate_packed`` lays the targets out in the same rows
 
     def __init__(
         self,
@@ -220,6 +223,11 @@ class Seq2SeqData(TaskDataModule):
     def collate(self, features: list[dict]) -> dict:
         return self.collator([{k: v for k, v in f.items() if k != "truncated"} for f in features])
 
+    def collate_packed(self, features: list[dict]) -> dict:
+        """The padded batch packed into rows: sources as every task packs them, each example's target in the row
+        of its source (``pack_targets``)."""
+        return pack_targets(super().collate_packed(features), self.pad_to_multiple_of)
+
     def references(self, split: str) -> list[list[str]]:
         """Every reference text of each row of ``split``, by row index."""
         self._prepare()
@@ -231,3 +239,32 @@ class Seq2SeqData(TaskDataModule):
 
     def head_kwargs(self) -> dict[str, Any]:
         return {"source_prefix": self.source_prefix, "max_source_length": self.max_source_length}
+
+
+def pack_targets(batch: dict[str, torch.Tensor], multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+    """A packed batch of sources (``lightning_ft.packing.pack_batch``) whose ``labels`` are still one padded row per
+    example, with each example's target laid out in its source's row, in the same order: ``labels`` (rows x width,
+    -100 outside the targets), ``decoder_segment_ids`` (the source's segment number, 0 for padding: the
+    cross-attention pairs them), and each example's ``decoder_starts`` and ``decoder_lengths``."""
+    targets = batch["labels"]
+    lengths = (targets != -100).sum(-1)
+    rows, starts = batch["example_rows"], batch["example_starts"]
+    segments = batch["segment_ids"][rows, starts]
+    decoder_starts = torch.zeros_like(lengths)
+    for r in range(len(batch["input_ids"])):
+        members = (rows == r).nonzero().flatten()
+        members = members[starts[members].argsort()]  # the order of their sources in the row
+        offsets = lengths[members].cumsum(0)
+        decoder_starts[members] = offsets - lengths[members]
+    ends = decoder_starts + lengths
+    width = int(max(ends.max(), 1))
+    if multiple_of:
+        width = -(-width // multiple_of) * multiple_of
+    labels = torch.full((len(batch["input_ids"]), width), -100, dtype=targets.dtype)
+    decoder_segments = torch.zeros(labels.shape, dtype=torch.long)
+    for i in range(len(targets)):
+        row, start, n = int(rows[i]), int(decoder_starts[i]), int(lengths[i])
+        labels[row, start:start + n] = targets[i][targets[i] != -100]
+        decoder_segments[row, start:start + n] = segments[i]
+    return {**batch, "labels": labels, "decoder_segment_ids": decoder_segments, "decoder_starts": decoder_starts,
+            "decoder_lengths": lengths}

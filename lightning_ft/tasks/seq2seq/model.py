@@ -10,10 +10,13 @@ import torch
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.text import SacreBLEUScore
 from transformers import AutoModelForSeq2SeqLM
+from transformers.modeling_outputs import BaseModelOutput
 
+from lightning_ft import packing as packed
 from lightning_ft.errors import UserError
 from lightning_ft.metrics.generation import ChrF, RougeScores
 from lightning_ft.tasks.base import TaskModule
+from lightning_ft.tasks.seq2seq.data import pack_targets
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +34,7 @@ class Seq2SeqTask(TaskModule):
     """
 
     auto_class = AutoModelForSeq2SeqLM
-    non_model_keys = ("row_index",)
+    non_model_keys = ("row_index", "decoder_starts", "decoder_lengths")
     metric_scale: dict[str, float] = {}  # factors that put a metric on a 0-100 scale
 
     def __init__(
@@ -68,11 +71,71 @@ class Seq2SeqTask(TaskModule):
         self._generated: dict[int, str] = {}
         self.generated_length = torch.nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
 
+    def adjust_model(self, model: Any) -> None:
+        # A fresh T5 config leaves the decoder's start token unset (it is the pad token, which
+        # backbones.match_tokenizer also sets): the packed rows' shift and the packing check need it.
+        if getattr(model.config, "decoder_start_token_id", None) is None:
+            model.config.decoder_start_token_id = model.config.pad_token_id
+
     @property
     def monitor(self) -> tuple[str, str]:
         if not self.predict_with_generate or self.val_generate_limit == 0:
             return ("val/loss", "min")
         return self.default_monitor
+
+    # ---- packed rows (dataset.packing): sources packed as every task packs them, targets in their sources' rows --
+    def packed_forward(self, inputs: dict[str, torch.Tensor], layout: dict[str, torch.Tensor]) -> Any:
+        """The encoder on the packed sources (their 4D mask from the base), the decoder on the packed targets:
+        causal within each target, its cross-attention confined to the target's own source. No position ids: T5's
+        relative positions need none; a backbone with absolute positions fails the packing check."""
+        inputs.pop("position_ids")
+        segments = inputs.pop("decoder_segment_ids")
+        dtype = next(self.model.parameters()).dtype
+        encoder = self.model.get_encoder()(input_ids=inputs.pop("input_ids"),
+                                           attention_mask=inputs.pop("attention_mask"))
+        labels = inputs["labels"]
+        return self.model(
+            encoder_outputs=BaseModelOutput(last_hidden_state=encoder.last_hidden_state),
+            attention_mask=packed.cross_attention_mask(self.model, segments, layout["segment_ids"], dtype),
+            decoder_input_ids=self._decoder_inputs(labels, segments),
+            decoder_attention_mask=packed.attention_mask(self.model, segments, True, dtype), **inputs)
+
+    def _decoder_inputs(self, labels: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+        """The packed targets shifted right within each target, its first position the decoder start token (what
+        the model's own shift does to one target a row)."""
+        config = self.model.config
+        shifted = labels.roll(1, dims=1)
+        starts = (segments != segments.roll(1, dims=1)) & (segments > 0)
+        starts[:, 0] = segments[:, 0] > 0
+        shifted = torch.where(starts, config.decoder_start_token_id, shifted)
+        return shifted.masked_fill((shifted == -100) | (segments == 0), config.pad_token_id)
+
+    def _packing_probe(self) -> tuple[list[torch.Tensor], dict[str, torch.Tensor], Any]:
+        # Two source/target pairs packed in one row must give each the logits it has alone: the encoder, the decoder
+        # and the cross-attention all keep the pairs apart.
+        ids = packed.probe_ids(self.model.config, 16)
+        sources, targets = [ids[:5], ids[8:12]], [ids[5:8], ids[12:16]]
+        device = next(self.model.parameters()).device
+        alone = [self.model(input_ids=torch.tensor([s], device=device), labels=torch.tensor([t], device=device))
+                 .logits[0] for s, t in zip(sources, targets)]
+        batch = {"input_ids": packed.padded(sources), "attention_mask": packed.padded([[1] * len(s) for s in sources]),
+                 "labels": packed.padded(targets, fill=-100)}
+        rows = pack_targets(packed.pack_batch(batch, 9, ("input_ids",), pad_id=0))
+
+        def output_of(outputs: Any, i: int) -> torch.Tensor:
+            start, n = int(rows["decoder_starts"][i]), int(rows["decoder_lengths"][i])
+            return outputs.logits[int(rows["example_rows"][i]), start:start + n]
+
+        return alone, rows, output_of
+
+    def _sources(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's sources one padded row per example (generation reads them so, packed or not)."""
+        if not packed.is_packed(batch):
+            return batch["input_ids"], batch["attention_mask"]
+        lengths = batch["example_lengths"].to(batch["input_ids"].device)
+        ids = packed.unpack(batch["input_ids"], batch)
+        mask = torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]
+        return ids.masked_fill(~mask, self.model.config.pad_token_id), mask.long()
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Token ids generated with the model's generation settings."""
@@ -90,7 +153,8 @@ class Seq2SeqTask(TaskModule):
             return
         datamodule = self.data
         split = "validation" if stage == "val" else "test"
-        generated = self.generate(batch["input_ids"][keep], batch["attention_mask"][keep])
+        sources, mask = self._sources(batch)
+        generated = self.generate(sources[keep], mask[keep])
         texts = [t.strip() for t in datamodule.tokenizer.batch_decode(generated, skip_special_tokens=True)]
         indices = rows[keep].tolist()
         references = datamodule.references(split)

@@ -11,6 +11,7 @@ from torchmetrics import MetricCollection
 from transformers import AutoModelForCausalLM
 
 from lightning_ft import chunked_loss as chunked
+from lightning_ft.backbones import evaluating
 from lightning_ft.errors import UserError
 from lightning_ft.metrics.generation import RougeScores
 from lightning_ft.metrics.language_modeling import Perplexity
@@ -201,9 +202,6 @@ class InstructionTuningTask(TaskModule):
             raise UserError(f"task.max_new_tokens={self.model.generation_config.max_new_tokens} leaves no room for "
                             f"a prompt in the model's {limit} positions: lower it.")
         prompts = [ids[-room:] if room else ids for ids in prompts]  # a prompt too long keeps its end
-        was_training = self.model.training
-        self.model.eval()
-        # seed 0: sampling (do_sample) draws nothing from the training's random state
-        out = generate_left_padded(self.model, prompts, tokenizer.pad_token_id, seed=0)
-        self.model.train(was_training)
+        with evaluating(self.model):  # seed 0: sampling (do_sample) draws nothing from the training's random state
+            out = generate_left_padded(self.model, prompts, tokenizer.pad_token_id, seed=0)
         return [text.strip() for text in tokenizer.batch_decode(out, skip_special_tokens=True)]
