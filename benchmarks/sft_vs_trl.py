@@ -6,13 +6,15 @@ train split (../shared/data/gsm8k), one user turn (the question) and one assista
 by the GGUF file's own ChatML template (with its default system turn) and cut at ``--max-length`` tokens; loss on the
 answers only. Both sides: LoRA through peft on every linear layer of the decoder layers (q, k, v, o, gate, up, down;
 r 8, alpha 16, dropout 0.05), the same seed, batch, learning rate (linear decay, no warmup, no weight decay), one
-epoch, clipping at 1.0, bf16 autocast, fp32 weights.
+epoch, clipping at 1.0, fp32 weights, bf16 autocast (``--precision fp32``: none, for a CPU without native bf16).
 
 - ``lightning_ft``: ``task=sft backbone=smollm2_gguf dataset=gsm8k peft=lora`` as shipped, i.e. packed rows (best-fit
   decreasing, position ids restarting per example, attention confined to each) because the backbone passes the
   isolation probe; a timed Lightning fit, then the export (adapters merged into a plain HF directory).
 - ``lightning_ft@N``: the same with N packed rows a step (``dataset.batch_size=N``): a packed row of 512 tokens holds
   about two GSM8K examples, so ``lightning_ft@4`` takes about as many examples a step, and as many steps, as ``trl``.
+- ``lightning_ft_chunked`` (and ``lightning_ft_chunked@N``): the same with ``task.chunked_loss=true``: the output
+  layer and the loss over the answer tokens only, chunk by chunk, never the full logits (lightning_ft/chunked_loss.py).
 - ``trl``: ``SFTTrainer`` as TRL ships it: conversational prompt/completion rows (completion-only loss), dynamic
   padding, and its default ``gradient_checkpointing=True``.
 - ``trl_packing``: TRL at its fastest on this CPU: ``packing=True`` (best-fit decreasing, which turns padding-free on:
@@ -23,6 +25,10 @@ Shared evaluation, on the first ``--test-rows`` problems of GSM8K test, in fp32:
 entropy over the tokens after the generation prompt, up to and including ``<|im_end|>``), and greedy answers
 (``--max-new-tokens``) scored by exact match of the final ``#### <number>``. Throughput: real (non-padding) training
 tokens / seconds of the timed training; peak resident memory of the side's process when training ended.
+
+Seeds: ``--seeds 42 43 44`` trains every side once per seed (the same seeds for every side; the untuned model once)
+and reports each side's test loss paired with TRL's by seed, with the 95% interval of the difference. Greedy
+answers take about as long as training, so ``--greedy-seeds N`` scores them for the first N seeds only.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,10 +49,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 from common import (  # noqa: E402
+    PRECISIONS,
     ROOT,
     append_report,
     lightning_ft_module,
     lightning_timer,
+    metric_words,
+    paired_table,
     report_heading,
     summary_line,
     timed_trainer,
@@ -94,15 +104,15 @@ def load_untuned():
     return model, tokenizer
 
 
-def train_lightning_ft(args, folder: Path, out: Path, rows_per_step: int) -> dict:
-    overrides = ["task=sft", "backbone=smollm2_gguf", "dataset=gsm8k", f"dataset.data_dir={folder}",
-                 "dataset.val_fraction=null", "peft=lora", f"peft.r={LORA['r']}", f"peft.alpha={LORA['alpha']}",
-                 f"peft.dropout={LORA['dropout']}", f"dataset.max_length={args.max_length}",
-                 f"dataset.batch_size={rows_per_step}", f"optim.lr={args.lr}", "optim.weight_decay=0.0",
-                 "scheduler=linear", "scheduler.warmup_ratio=0.0"]
+def train_lightning_ft(args, folder: Path, out: Path, rows_per_step: int, chunked: bool) -> dict:
+    overrides = ["task=sft", f"task.chunked_loss={str(chunked).lower()}", "backbone=smollm2_gguf", "dataset=gsm8k",
+                 f"dataset.data_dir={folder}", "dataset.val_fraction=null", "peft=lora", f"peft.r={LORA['r']}",
+                 f"peft.alpha={LORA['alpha']}", f"peft.dropout={LORA['dropout']}",
+                 f"dataset.max_length={args.max_length}", f"dataset.batch_size={rows_per_step}",
+                 f"optim.lr={args.lr}", "optim.weight_decay=0.0", "scheduler=linear", "scheduler.warmup_ratio=0.0"]
     module, datamodule = lightning_ft_module(overrides, seed=args.seed)
     timer = lightning_timer()
-    timed_trainer(timer, precision="bf16-mixed", max_epochs=1).fit(module, datamodule=datamodule)
+    timed_trainer(timer, precision=PRECISIONS[args.precision], max_epochs=1).fit(module, datamodule=datamodule)
     rss = peak_rss_mib()
     train = datamodule.datasets["train"]
     module.export(out, datamodule.tokenizer)
@@ -124,7 +134,8 @@ def train_trl(args, folder: Path, out: Path, packing: bool) -> dict:
     settings = {"packing": True, "gradient_checkpointing": False} if packing else {}
     config = SFTConfig(output_dir=str(out / "trainer"), per_device_train_batch_size=args.batch,
                        learning_rate=args.lr, num_train_epochs=1, max_length=args.max_length, seed=args.seed,
-                       lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, bf16=True,
+                       lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+                       bf16=args.precision == "bf16",
                        use_cpu=True, save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=True,
                        dataloader_num_workers=0, **settings)
     lora = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules=TARGETS,
@@ -155,8 +166,8 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
 
 
-def evaluate(model, tokenizer, problems: list[dict], max_new_tokens: int, batch: int) -> dict:
-    """The one yardstick: answer-token loss (teacher-forced) and greedy exact match of the final answer."""
+def evaluate(model, tokenizer, problems: list[dict], max_new_tokens: int, batch: int, greedy: bool = True) -> dict:
+    """The one yardstick: answer-token loss (teacher-forced) and (``greedy``) exact match of the final answer."""
     import re
 
     from lightning_ft.tasks.sft.model import GSM8K_ANSWER, final_answer
@@ -180,6 +191,8 @@ def evaluate(model, tokenizer, problems: list[dict], max_new_tokens: int, batch:
             logits = model(input_ids=ids).logits[0, len(head) - 1:stop - 1]
             total += torch.nn.functional.cross_entropy(logits.float(), ids[0, len(head):], reduction="sum").item()
             count += stop - len(head)
+        if not greedy:
+            return {"test_loss": total / count, "answer_tokens": count, "problems": len(problems)}
         tokenizer.padding_side = "left"
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end
         correct, formatted, samples = 0, 0, []
@@ -202,14 +215,16 @@ def evaluate(model, tokenizer, problems: list[dict], max_new_tokens: int, batch:
 def worker(args) -> None:
     torch.set_num_threads(args.threads)
     folder = Path(args.folder)
-    out = folder / args.worker
+    args.seed = args.worker_seed
+    out = folder / result_name(args.worker, args.seed)
     result: dict = {}
     if args.worker == "untuned":
         model, tokenizer = load_untuned()
     else:
         if args.worker.startswith("lightning_ft"):
-            rows_per_step = int(args.worker.split("@")[1]) if "@" in args.worker else args.batch
-            result = train_lightning_ft(args, folder, out, rows_per_step)
+            name, _, per_step = args.worker.partition("@")
+            result = train_lightning_ft(args, folder, out, int(per_step) if per_step else args.batch,
+                                        chunked=name.endswith("_chunked"))
         else:
             result = train_trl(args, folder, out, packing=args.worker == "trl_packing")
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -217,9 +232,15 @@ def worker(args) -> None:
         model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(out)
     started = time.perf_counter()
-    result.update(evaluate(model, tokenizer, rows(folder, "test"), args.max_new_tokens, args.eval_batch))
+    result.update(evaluate(model, tokenizer, rows(folder, "test"), args.max_new_tokens, args.eval_batch,
+                           greedy=args.worker_greedy))
     result["eval_seconds"] = time.perf_counter() - started
-    (folder / f"{args.worker}.json").write_text(json.dumps(result, indent=1))
+    (folder / f"{result_name(args.worker, args.seed)}.json").write_text(json.dumps(result, indent=1))
+
+
+def result_name(side: str, seed: int) -> str:
+    """A side's files for one seed (the untuned model is the same for every seed: one file)."""
+    return side if side == "untuned" else f"{side}.seed{seed}"
 
 
 def main() -> None:
@@ -230,13 +251,19 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--batch", type=int, default=8, help="rows per step: examples, or packed rows")
     parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--precision", default="bf16", choices=sorted(PRECISIONS))
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--eval-batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42],
+                        help="train every side once per seed, the same seeds for every side")
+    parser.add_argument("--greedy-seeds", type=int, help="score greedy answers for the first N seeds only "
+                                                          "(default: every seed)")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     parser.add_argument("--reuse", help="an earlier run's folder: its sides' results are kept, only the others run")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-seed", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-greedy", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -247,56 +274,95 @@ def main() -> None:
     if not args.reuse:
         write_data(folder, args.train_rows, args.test_rows)
     print(f"run folder: {folder}", flush=True)
-    results, reused = {}, []
-    for side in args.sides.split(","):
-        if not (folder / f"{side}.json").is_file():
-            started = time.perf_counter()
-            subprocess.run([sys.executable, __file__, *sys.argv[1:], "--worker", side, "--folder", str(folder)],
-                           check=True)
-            print(side, f"{time.perf_counter() - started:.0f} s", flush=True)
-        else:
-            reused.append(side)
-        results[side] = json.loads((folder / f"{side}.json").read_text())
-        print(side, json.dumps(results[side]), flush=True)
-    trained = [s for s in results if "seconds" in results[s]]
-    lines = ["| side | test answer-token loss | exact match | in `#### N` form | train tokens/s | vs trl | "
-             "vs trl_packing | train minutes | steps x rows a step | peak RSS MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    rates = {s: results[s]["tokens"] / results[s]["seconds"] for s in trained}
-    for side, r in results.items():
-        rate = rates.get(side)
-        versus = [f"{rate / rates[peer]:.2f}" if rate and peer in rates else "" for peer in ("trl", "trl_packing")]
-        minutes = f"{r['seconds'] / 60:.1f}" if rate else ""
-        kind = "packed rows" if r.get("packed") else "examples"
-        steps = f"{r['steps']} x {r['rows_per_step']} {kind}" if rate else ""
-        lines.append(
-            f"| {side} | {r['test_loss']:.4f} | {r['exact_match']:.3f} ({r['correct']}/{r['problems']}) | "
-            f"{r['answered_in_format']}/{r['problems']} | {f'{rate:.0f}' if rate else ''} | {versus[0]} | "
-            f"{versus[1]} | {minutes} | {steps} | {r.get('peak_rss_mib', 0):.0f} |")
-    tokens = {s: results[s]["tokens"] for s in trained}
-    summaries = [summary_line(
-        f"SFT, SmolLM2-135M-Instruct + LoRA, {args.train_rows} GSM8K problems, 1 epoch, bf16", side, "trl",
-        rates.get(side), "tokens/s", rates[side] / rates["trl"] if side in rates and "trl" in rates else None,
-        f"test answer-token loss {r['test_loss']:.4f}; exact match {r['correct']}/{r['problems']}", 1)
-        for side, r in results.items()]
-    import trl
-
+    sides = args.sides.split(",")
+    greedy_seeds = args.seeds[:len(args.seeds) if args.greedy_seeds is None else args.greedy_seeds]
+    by_seed: dict[str, list[dict]] = {side: [] for side in sides}
+    reused = []
+    for seed in args.seeds:  # seed by seed, so a run cut short still holds whole seeds of every side
+        for side in sides:
+            if side == "untuned" and seed != args.seeds[0]:
+                continue
+            saved = folder / f"{result_name(side, seed)}.json"
+            if not saved.is_file():
+                started = time.perf_counter()
+                subprocess.run([sys.executable, __file__, *sys.argv[1:], "--worker", side, "--folder", str(folder),
+                                "--worker-seed", str(seed), "--worker-greedy", str(int(seed in greedy_seeds))],
+                               check=True)
+                print(side, seed, f"{time.perf_counter() - started:.0f} s", flush=True)
+            else:
+                reused.append(f"{side} seed {seed}")
+            by_seed[side].append(json.loads(saved.read_text()))
+            print(side, seed, json.dumps(by_seed[side][-1]), flush=True)
     report = "\n".join([
         *report_heading("Instruction tuning (SmolLM2-135M-Instruct, LoRA, GSM8K) vs TRL SFTTrainer", __file__,
-                        f"; trl {trl.__version__}"),
+                        f"; trl {trl_version()}"),
         f"{Path(__file__).name} docstring: what each side does. {args.train_rows} training problems, one epoch, "
-        f"batch {args.batch}, lr {args.lr}, max length {args.max_length}, seed {args.seed}; scored on the first "
-        f"{args.test_rows} GSM8K test problems (greedy, {args.max_new_tokens} new tokens at most). Sides ran one "
-        f"after another in this order, nothing else on the machine"
-        f"{f' (results of {reused} kept from the earlier run in {folder})' if reused else ''}. Real training tokens "
-        f"per side: {tokens}.",
+        f"batch {args.batch}, lr {args.lr}, max length {args.max_length}, seeds {', '.join(map(str, args.seeds))}; "
+        f"scored on the first {args.test_rows} GSM8K test problems (greedy, {args.max_new_tokens} new tokens at "
+        f"most, for seed(s) {', '.join(map(str, greedy_seeds))}). Sides ran one after another, seed by seed, "
+        f"nothing else on the machine{f' (kept from the earlier run in {folder}: {reused})' if reused else ''}. "
+        f"Real training tokens per side: { {s: rs[0]['tokens'] for s, rs in by_seed.items() if 'tokens' in rs[0]} }.",
         "",
-        *lines,
-        "",
-        *summaries,
+        *report_tables(by_seed, args),
         "",
     ])
     append_report(args.results, report)
+
+
+def trl_version() -> str:
+    import trl
+
+    return trl.__version__
+
+
+def report_tables(by_seed: dict[str, list[dict]], args) -> list[str]:
+    """Each seed's table, then (several seeds) the test loss paired with TRL's by seed, and the summary lines:
+    throughput as the median over the seeds, its ratio to TRL's median."""
+    lines = []
+    for index, seed in enumerate(args.seeds):
+        runs = {side: rs[min(index, len(rs) - 1)] for side, rs in by_seed.items() if side != "untuned" or index == 0}
+        rates = {s: r["tokens"] / r["seconds"] for s, r in runs.items() if "seconds" in r}
+        lines += [f"Seed {seed}:", "",
+                  "| side | test answer-token loss | exact match | in `#### N` form | train tokens/s | vs trl | "
+                  "vs trl_packing | train minutes | steps x rows a step | peak RSS MiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for side, r in runs.items():
+            rate = rates.get(side)
+            versus = [f"{rate / rates[peer]:.2f}" if rate and peer in rates else "" for peer in ("trl", "trl_packing")]
+            exact, formatted = "not scored", ""
+            if "correct" in r:
+                exact = f"{r['exact_match']:.3f} ({r['correct']}/{r['problems']})"
+                formatted = f"{r['answered_in_format']}/{r['problems']}"
+            trained_cells = ["", "", ""]
+            if rate:
+                kind = "packed rows" if r.get("packed") else "examples"
+                trained_cells = [f"{rate:.0f}", f"{r['seconds'] / 60:.1f}",
+                                 f"{r['steps']} x {r['rows_per_step']} {kind}"]
+            lines.append(f"| {side} | {r['test_loss']:.4f} | {exact} | {formatted} | {trained_cells[0]} | "
+                         f"{versus[0]} | {versus[1]} | {trained_cells[1]} | {trained_cells[2]} | "
+                         f"{r.get('peak_rss_mib', 0):.0f} |")
+        lines.append("")
+    trained = {side: rs for side, rs in by_seed.items() if side != "untuned"}
+    if len(args.seeds) > 1 and "trl" in trained:
+        lines += ["Test answer-token loss over the seeds, paired with `trl` by seed (lower is better):", "",
+                  *paired_table("trl", {side: [r["test_loss"] for r in rs] for side, rs in trained.items()}), "",
+                  "Train tokens/s per seed: " + "; ".join(
+                      side + " " + ", ".join(f"{r['tokens'] / r['seconds']:.0f}" for r in rs)
+                      for side, rs in trained.items()), ""]
+    rates = {side: statistics.median(r["tokens"] / r["seconds"] for r in rs) for side, rs in trained.items()}
+    task = f"SFT, SmolLM2-135M-Instruct + LoRA, {args.train_rows} GSM8K problems, 1 epoch, {args.precision}"
+    for side, rs in by_seed.items():
+        losses = [r["test_loss"] for r in rs]
+        base = [r["test_loss"] for r in by_seed["trl"]] if "trl" in by_seed and side not in ("trl", "untuned") \
+            else None
+        scored = [r for r in rs if "correct" in r]
+        metric = metric_words("test answer-token loss", losses, base) + (
+            f"; exact match {'+'.join(str(r['correct']) for r in scored)}/{scored[0]['problems']}"
+            f"{' per seed' if len(scored) > 1 else ''}" if scored else "")
+        rate = rates.get(side)
+        lines.append(summary_line(task, side, "trl", rate, "tokens/s",
+                                  rate / rates["trl"] if rate and "trl" in rates else None, metric, len(rs)))
+    return lines
 
 
 if __name__ == "__main__":
