@@ -1,10 +1,12 @@
 """LoRA against full fine-tuning, and lightning_ft's LoRA against the Hugging Face Trainer with the same peft config.
 
-MiniLM on SST-2 (the first ``--train-rows`` train rows, 1 epoch, ``--precision``: bf16 by default): lightning_ft full
-fine-tuning, lightning_ft ``peft=lora`` at r 8 and r 16, and the HF Trainer (compare_hf.py's run_glue side) with peft's
-``get_peft_model`` and the very ``LoraConfig`` lightning_ft builds (its target layers, alpha 16, dropout 0.05, the
-classifier in ``modules_to_save``). Each side trains at each learning rate of ``--lrs`` and is reported at its best;
-each run is a fresh child process, so its peak resident memory is its own. Checkpoint size: what a run saves to resume
+MiniLM on SST-2 (the first ``--train-rows`` train rows) and on CoNLL-2003 NER (``--conll-rows``; 0, the default: all
+14,041 sentences), 1 epoch, ``--precision`` (bf16 by default): lightning_ft full fine-tuning, lightning_ft
+``peft=lora`` at r 8 and r 16, and the HF Trainer (compare_hf.py's run_glue / run_ner side, its data and metric) with
+peft's ``get_peft_model`` and the very ``LoraConfig`` lightning_ft builds (its target layers, alpha 16, dropout 0.05,
+the classifier in ``modules_to_save``); ``--tasks`` picks them (SST-2 alone by default). Each side trains at each
+learning rate of ``--lrs`` and is reported at its best; each run is a fresh child process, so its peak resident
+memory is its own. Checkpoint size: what a run saves to resume
 (lightning_ft: its checkpoint, weights that train and their optimizer state; the HF Trainer: ``save_model``, the adapter
 and head).
 
@@ -15,6 +17,7 @@ activations (which LoRA does not shrink) rather than gradients and optimizer sta
 ``<side>_chunked`` is that side with ``task.chunked_loss=true``: the loss without the full logits.
 
     python benchmarks/peft_vs_full.py --train-rows 4000 --lrs 5e-5 5e-4 --lm-steps 30
+    python benchmarks/peft_vs_full.py --tasks conll --skip lm --lrs 5e-5 1e-3
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ from common import (  # noqa: E402
 )
 
 DATA = ROOT.parent / "shared" / "data"
+# The fine-tuning tasks compared: their name in the report, the dev metric (compare_hf.TASKS names its key) and unit.
+TASK_ROWS = {"sst2": ("SST-2", "dev accuracy", "samples/s"), "conll": ("CoNLL-2003 NER", "dev F1", "sentences/s")}
 BATCH, MAX_LEN = 32, 128
 SIDES = {"full": [], "lora_r8": ["peft=lora", "peft.r=8"], "lora_r16": ["peft=lora", "peft.r=16"],
          # the language-model comparison's extra side: peft skips the adapters' dropout (and its copy of each
@@ -52,19 +57,23 @@ SIDES = {"full": [], "lora_r8": ["peft=lora", "peft.r=8"], "lora_r16": ["peft=lo
          "lora_r8_no_dropout": ["peft=lora", "peft.r=8", "peft.dropout=0.0"]}
 # The same sides trained on the chunked loss (no full logits) rather than the model's own (the default).
 SIDES |= {f"{side}_chunked": [*overrides, "task.chunked_loss=true"] for side, overrides in list(SIDES.items())}
-SST2_SIDES = ("full", "lora_r8", "lora_r16")
+TASK_SIDES = ("full", "lora_r8", "lora_r16", "hf_peft_r8")
 
 
 def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
-def lightning_ft_sst2(side: str, lr: float, rows: int, seed: int, precision: str) -> dict:
+def lightning_ft_run(task: str, side: str, lr: float, rows: int, seed: int, precision: str) -> dict:
     import pytorch_lightning as pl
+    from compare_hf import TASKS
 
-    overrides = ["dataset=sst2", f"dataset.data_dir={DATA / 'glue_sst2'}", f"dataset.batch_size={BATCH}",
-                 f"dataset.max_length={MAX_LEN}", f"optim.lr={lr}", "optim.weight_decay=0.01",
-                 "scheduler.warmup_ratio=0.0", f"dataset.max_train_examples={rows}", *SIDES[side]]
+    data = {"sst2": ["dataset=sst2", f"dataset.data_dir={DATA / 'glue_sst2'}"],
+            "conll": ["task=ner", "dataset=conll2003", f"dataset.data_dir={DATA / 'conll2003'}"]}[task]
+    overrides = [*data, f"dataset.batch_size={BATCH}", f"dataset.max_length={MAX_LEN}", f"optim.lr={lr}",
+                 f"optim.weight_decay={TASKS[task]['weight_decay']}", "scheduler.warmup_ratio=0.0", *SIDES[side]]
+    if rows:
+        overrides.append(f"dataset.max_train_examples={rows}")
     module, datamodule = lightning_ft_module(overrides, seed)
     timer = lightning_timer()
     trainer = timed_trainer(timer, max_epochs=1, precision=precision)
@@ -74,18 +83,18 @@ def lightning_ft_sst2(side: str, lr: float, rows: int, seed: int, precision: str
         size = (Path(folder) / "run.ckpt").stat().st_size
     evaluator = pl.Trainer(accelerator="cpu", precision=precision, logger=False, enable_progress_bar=False,
                            enable_model_summary=False)
-    accuracy = evaluator.validate(module, datamodule=datamodule, verbose=False)[0]["val/accuracy"]
+    scores = evaluator.validate(module, datamodule=datamodule, verbose=False)[0]
     trainable, total = module.trainable_parameters
-    return {"metric": accuracy, "samples_per_sec": timer.samples / timer.seconds, "checkpoint_mb": size / 2**20,
-            "trainable": trainable, "total": total}
+    return {"metric": scores[f"val/{TASKS[task]['metric']}"], "samples_per_sec": timer.samples / timer.seconds,
+            "checkpoint_mb": size / 2**20, "trainable": trainable, "total": total}
 
 
-def hf_peft_sst2(r: int, lr: float, rows: int, seed: int, precision: str) -> dict:
-    import numpy as np
-    from compare_hf import _sst2_hf
+def hf_peft_run(task: str, r: int, lr: float, rows: int, seed: int, precision: str) -> dict:
+    from compare_hf import TASKS, _conll_hf, _sst2_hf
     from peft import LoraConfig, get_peft_model
     from transformers import (
         AutoModelForSequenceClassification,
+        AutoModelForTokenClassification,
         AutoTokenizer,
         DataCollatorWithPadding,
         Trainer,
@@ -98,15 +107,16 @@ def hf_peft_sst2(r: int, lr: float, rows: int, seed: int, precision: str) -> dic
 
     model_dir = resolve_name(MINILM)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    train, dev, head, _, _ = _sst2_hf(tokenizer, rows)
+    train, dev, head, collator, score = (_sst2_hf if task == "sst2" else _conll_hf)(tokenizer, rows or None)
     set_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, **head)
+    auto = AutoModelForSequenceClassification if task == "sst2" else AutoModelForTokenClassification
+    model = auto.from_pretrained(model_dir, **head)
     config = LoraConfig(r=r, lora_alpha=16, lora_dropout=0.05, target_modules=target_pattern(model, None),
                         modules_to_save=head_modules(model) or None)
     model = get_peft_model(model, config)
     counts = {"samples": 0, "tokens": 0, "real_tokens": 0}
     timer = hf_timer(counts)
-    padding = DataCollatorWithPadding(tokenizer)
+    padding = collator or DataCollatorWithPadding(tokenizer)
 
     def collate(features):
         batch = padding(features)
@@ -118,17 +128,17 @@ def hf_peft_sst2(r: int, lr: float, rows: int, seed: int, precision: str) -> dic
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
             output_dir=out, per_device_train_batch_size=BATCH, per_device_eval_batch_size=2 * BATCH,
-            learning_rate=lr, weight_decay=0.01, max_grad_norm=1.0, num_train_epochs=1, lr_scheduler_type="linear",
-            warmup_steps=0, logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[],
-            use_cpu=True, seed=seed, dataloader_num_workers=0, disable_tqdm=True, bf16=precision.startswith("bf16"),
+            learning_rate=lr, weight_decay=TASKS[task]["weight_decay"], max_grad_norm=1.0, num_train_epochs=1,
+            lr_scheduler_type="linear", warmup_steps=0, logging_strategy="no", save_strategy="no", eval_strategy="no",
+            report_to=[], use_cpu=True, seed=seed, dataloader_num_workers=0, disable_tqdm=True,
+            bf16=precision.startswith("bf16"),
         )
         trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collate, callbacks=[timer])
         trainer.train()
-        predictions = trainer.predict(dev)
+        metric = score(trainer.predict(dev))
         trainer.save_model(out)
         size = sum(p.stat().st_size for p in Path(out).iterdir() if p.is_file())
-    accuracy = float((np.argmax(predictions.predictions, -1) == predictions.label_ids).mean())
-    return {"metric": accuracy, "samples_per_sec": timer.counts["samples"] / timer.seconds,
+    return {"metric": metric, "samples_per_sec": timer.counts["samples"] / timer.seconds,
             "checkpoint_mb": size / 2**20}
 
 
@@ -158,10 +168,10 @@ def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     kind, side = args.child.split(":")
     precision = PRECISIONS[args.precision]
-    if kind == "sst2":
-        result = (hf_peft_sst2(int(side.removeprefix("hf_peft_r")), args.lr, args.train_rows, args.seed, precision)
-                  if side.startswith("hf_peft") else
-                  lightning_ft_sst2(side, args.lr, args.train_rows, args.seed, precision))
+    if kind in TASK_ROWS:
+        rows = args.train_rows if kind == "sst2" else args.conll_rows
+        result = (hf_peft_run(kind, int(side.removeprefix("hf_peft_r")), args.lr, rows, args.seed, precision)
+                  if side.startswith("hf_peft") else lightning_ft_run(kind, side, args.lr, rows, args.seed, precision))
     else:
         result = lightning_ft_lm(side, args.lm_steps, args.lm_block_size, args.checkpointing, args.seed, precision)
     result["peak_mb"] = peak_mb()
@@ -173,7 +183,8 @@ def spawn(what: str, args: argparse.Namespace, **extra: object) -> dict:
         out = handle.name
     command = [sys.executable, __file__, "--child", what, "--out", out, "--threads", str(args.threads),
                "--precision", args.precision,
-               "--train-rows", str(args.train_rows), "--lm-steps", str(args.lm_steps), "--lm-block-size",
+               "--train-rows", str(args.train_rows), "--conll-rows", str(args.conll_rows),
+               "--lm-steps", str(args.lm_steps), "--lm-block-size",
                str(args.lm_block_size), "--seed", str(args.seed)]
     for key, value in extra.items():
         command += [f"--{key.replace('_', '-')}", str(value)]
@@ -186,7 +197,9 @@ def spawn(what: str, args: argparse.Namespace, **extra: object) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train-rows", type=int, default=4000)
+    parser.add_argument("--tasks", nargs="+", default=["sst2"], choices=list(TASK_ROWS))
+    parser.add_argument("--train-rows", type=int, default=4000, help="SST-2 training rows")
+    parser.add_argument("--conll-rows", type=int, default=0, help="CoNLL-2003 training sentences (0: all)")
     parser.add_argument("--lrs", type=float, nargs="+", default=[5e-5, 5e-4])
     parser.add_argument("--lm-steps", type=int, default=30)
     parser.add_argument("--lm-block-size", type=int, default=256, help="tokens per block, 4 blocks a step")
@@ -195,7 +208,8 @@ def main() -> None:
     parser.add_argument("--precision", default="bf16", choices=list(PRECISIONS),
                         help="every run's; bf16 only where it is native (AVX512-BF16 or AMX): elsewhere it is "
                              "emulated, several times slower")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["sst2", "lm"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["sst2", "lm"],
+                        help="sst2: SST-2 left out of --tasks; lm: no SmolLM2 comparison")
     parser.add_argument("--lm-sides", nargs="+", default=["full", "lora_r8", "lora_r8_no_dropout"],
                         choices=list(SIDES), help="the language-model comparison's sides; the first is the reference")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
@@ -207,16 +221,17 @@ def main() -> None:
     if args.child:
         return child(args)
     lines, summaries = [], []
-    if "sst2" not in args.skip:
-        sides = [*SST2_SIDES, "hf_peft_r8"]
-        runs = {side: {lr: spawn(f"sst2:{side}", args, lr=lr) for lr in args.lrs} for side in sides}
+    for task in [task for task in args.tasks if task not in args.skip]:
+        runs = {side: {lr: spawn(f"{task}:{side}", args, lr=lr) for lr in args.lrs} for side in TASK_SIDES}
         best = {side: max(by_lr.items(), key=lambda item: item[1]["metric"]) for side, by_lr in runs.items()}
         full_ckpt = best["full"][1]["checkpoint_mb"]
         hf_rate = best["hf_peft_r8"][1]["samples_per_sec"]
-        lines += [f"\nSST-2, MiniLM, the first {args.train_rows} train rows, 1 epoch, batch {BATCH}, {args.precision}, "
-                  "seed "
-                  f"{args.seed}; dev accuracy (872) at each side's best learning rate of {args.lrs}:\n",
-                  "| side | best lr | dev accuracy | dev accuracy at each lr | train samples/s | vs HF + peft r8 | "
+        rows = args.train_rows if task == "sst2" else args.conll_rows
+        name, metric, unit = TASK_ROWS[task]
+        amount = f"the first {rows} train rows" if rows else "all train rows"
+        lines += [f"\n{name}, MiniLM, {amount}, 1 epoch, batch {BATCH}, {args.precision}, seed {args.seed}; {metric} "
+                  f"at each side's best learning rate of {args.lrs}:\n",
+                  f"| side | best lr | {metric} | {metric} at each lr | train {unit} | vs HF + peft r8 | "
                   "peak resident MB | checkpoint MB | vs full | trainable share |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for side, (lr, r) in best.items():
@@ -226,9 +241,9 @@ def main() -> None:
                          f"{r['samples_per_sec']:.1f} | {r['samples_per_sec'] / hf_rate:.2f} | {r['peak_mb']:.0f} | "
                          f"{r['checkpoint_mb']:.1f} | {r['checkpoint_mb'] / full_ckpt:.1%} | {share} |")
             summaries.append(summary_line(
-                f"LoRA vs full, SST-2, MiniLM, {args.train_rows} rows, 1 epoch, {args.precision}", side, "hf_peft_r8",
-                r["samples_per_sec"], "samples/s", r["samples_per_sec"] / hf_rate,
-                f"dev accuracy {r['metric']:.4f} at its best lr {lr:g} of {len(args.lrs)}; checkpoint "
+                f"LoRA vs full, {name}, MiniLM, {rows or 'all'} rows, 1 epoch, {args.precision}", side, "hf_peft_r8",
+                r["samples_per_sec"], unit, r["samples_per_sec"] / hf_rate,
+                f"{metric} {r['metric']:.4f} at its best lr {lr:g} of {len(args.lrs)}; checkpoint "
                 f"{r['checkpoint_mb'] / full_ckpt:.1%} of full; peak {r['peak_mb']:.0f} MB", 1))
     if "lm" not in args.skip:
         reference = args.lm_sides[0]
