@@ -15,6 +15,8 @@ epoch, clipping at 1.0, fp32 weights, bf16 autocast (``--precision fp32``: none,
   about two GSM8K examples, so ``lightning_ft@4`` takes about as many examples a step, and as many steps, as ``trl``.
 - ``lightning_ft_chunked`` (and ``lightning_ft_chunked@N``): the same with ``task.chunked_loss=true``: the output
   layer and the loss over the answer tokens only, chunk by chunk, never the full logits (lightning_ft/chunked_loss.py).
+- ``lightning_ft_padded``: the same with ``dataset.packing=false dataset.group_by_length=false``: TRL's own batches
+  (``--batch`` examples a step, dynamic padding, shuffled), so the same steps and examples a step as ``trl``.
 - ``trl``: ``SFTTrainer`` as TRL ships it: conversational prompt/completion rows (completion-only loss), dynamic
   padding, and its default ``gradient_checkpointing=True``.
 - ``trl_packing``: TRL at its fastest on this CPU: ``packing=True`` (best-fit decreasing, which turns padding-free on:
@@ -104,8 +106,13 @@ def load_untuned():
     return model, tokenizer
 
 
-def train_lightning_ft(args, folder: Path, out: Path, rows_per_step: int, chunked: bool) -> dict:
-    overrides = ["task=sft", f"task.chunked_loss={str(chunked).lower()}", "backbone=smollm2_gguf", "dataset=gsm8k",
+# What a lightning_ft side's name adds to the shipped config (lightning_ft_chunked, lightning_ft_padded@N...).
+VARIANTS = {"_chunked": ["task.chunked_loss=true"],
+            "_padded": ["dataset.packing=false", "dataset.group_by_length=false"]}
+
+
+def train_lightning_ft(args, folder: Path, out: Path, rows_per_step: int, variant: list[str]) -> dict:
+    overrides = ["task=sft", *variant, "backbone=smollm2_gguf", "dataset=gsm8k",
                  f"dataset.data_dir={folder}", "dataset.val_fraction=null", "peft=lora", f"peft.r={LORA['r']}",
                  f"peft.alpha={LORA['alpha']}", f"peft.dropout={LORA['dropout']}",
                  f"dataset.max_length={args.max_length}", f"dataset.batch_size={rows_per_step}",
@@ -224,7 +231,7 @@ def worker(args) -> None:
         if args.worker.startswith("lightning_ft"):
             name, _, per_step = args.worker.partition("@")
             result = train_lightning_ft(args, folder, out, int(per_step) if per_step else args.batch,
-                                        chunked=name.endswith("_chunked"))
+                                        [o for suffix, extra in VARIANTS.items() if suffix in name for o in extra])
         else:
             result = train_trl(args, folder, out, packing=args.worker == "trl_packing")
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -298,8 +305,10 @@ def main() -> None:
                         f"; trl {trl_version()}"),
         f"{Path(__file__).name} docstring: what each side does. {args.train_rows} training problems, one epoch, "
         f"batch {args.batch}, lr {args.lr}, max length {args.max_length}, seeds {', '.join(map(str, args.seeds))}; "
-        f"scored on the first {args.test_rows} GSM8K test problems (greedy, {args.max_new_tokens} new tokens at "
-        f"most, for seed(s) {', '.join(map(str, greedy_seeds))}). Sides ran one after another, seed by seed, "
+        f"scored on the first {args.test_rows} GSM8K test problems ("
+        + (f"greedy, {args.max_new_tokens} new tokens at most, for seed(s) {', '.join(map(str, greedy_seeds))}"
+           if greedy_seeds else "answer-token loss only: no greedy answers in this run")
+        + "). Sides ran one after another, seed by seed, "
         f"nothing else on the machine{f' (kept from the earlier run in {folder}: {reused})' if reused else ''}. "
         f"Real training tokens per side: { {s: rs[0]['tokens'] for s, rs in by_seed.items() if 'tokens' in rs[0]} }.",
         "",
