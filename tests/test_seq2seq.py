@@ -232,16 +232,22 @@ def test_a_fresh_t5_decoder_follows_num_layers_and_unequal_depths_are_refused():
         TranslationTask(backbone=tiny_t5)
 
 
-def test_validation_generates_a_subset_while_training_and_everything_after(tmp_path):
-    cfg = compose_config(["task=translation", *QUICK_T5, "task.val_generate_limit=5"], tmp_path)
-    cfg.trainer.max_epochs = 1
+def _built_with_trained_tokenizer(cfg, tmp_path):
+    """The DataModule with a tokenizer trained on its training text (saved, and named in ``cfg.backbone``), and the
+    task module built on it."""
     from lightning_ft.tokenizer_training import train_tokenizer as train_tok
 
     datamodule = instantiate(cfg.dataset, _convert_="all")
     datamodule.connect(train_tok(datamodule.training_texts(), **cfg.backbone.train_tokenizer))
     datamodule.tokenizer.save_pretrained(tmp_path / "tok")
     cfg.backbone.tokenizer = str(tmp_path / "tok")
-    module = build_task(cfg, datamodule)
+    return datamodule, build_task(cfg, datamodule)
+
+
+def test_validation_generates_a_subset_while_training_and_everything_after(tmp_path):
+    cfg = compose_config(["task=translation", *QUICK_T5, "task.val_generate_limit=5"], tmp_path)
+    cfg.trainer.max_epochs = 1
+    datamodule, module = _built_with_trained_tokenizer(cfg, tmp_path)
     assert module.model.config.d_model == 32 and module.model.config.vocab_size == len(datamodule.tokenizer)
     trainer = instantiate(cfg.trainer, callbacks=[], logger=False, enable_checkpointing=False,
                           enable_progress_bar=False, limit_val_batches=None)
@@ -367,16 +373,10 @@ def test_a_seq2seq_backbone_with_absolute_positions_is_refused_for_packing():
 
 
 def test_a_packed_translation_trains_and_evaluates_exactly_as_padded_batches_do(tmp_path):
-    from lightning_ft.tokenizer_training import train_tokenizer as train_tok
-
     cfg = compose_config(["task=translation", *QUICK_T5, "dataset.packing=true", "dataset.max_eval_examples=24",
                           "trainer.precision=32-true"], tmp_path)
     cfg.trainer.max_epochs = 1
-    datamodule = instantiate(cfg.dataset, _convert_="all")
-    datamodule.connect(train_tok(datamodule.training_texts(), **cfg.backbone.train_tokenizer))
-    datamodule.tokenizer.save_pretrained(tmp_path / "tok")
-    cfg.backbone.tokenizer = str(tmp_path / "tok")
-    module = build_task(cfg, datamodule)
+    datamodule, module = _built_with_trained_tokenizer(cfg, tmp_path)
     assert module.packs_examples
     trainer_settings = dict(callbacks=[], logger=False, enable_checkpointing=False, enable_progress_bar=False)
     trainer = instantiate(cfg.trainer, **trainer_settings)
