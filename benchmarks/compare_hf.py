@@ -162,7 +162,9 @@ def _conll_hf(tokenizer, train_rows: int | None):
 
 
 def hf_trainer_run(task: str, epochs: int, train_rows: int | None, precision: str, seed: int,
-                   grouped: bool = False) -> dict:
+                   grouped: bool = False, lr: float | None = None, wrap=None, checkpoint: bool = False) -> dict:
+    """run_glue / run_ner written out with the Trainer. ``wrap`` turns the model into the one trained (peft_vs_full:
+    peft's ``get_peft_model``); ``lr`` overrides the task's; ``checkpoint`` adds the size of ``save_model``'s files."""
     from transformers import (
         AutoModelForSequenceClassification,
         AutoModelForTokenClassification,
@@ -182,6 +184,8 @@ def hf_trainer_run(task: str, epochs: int, train_rows: int | None, precision: st
     set_seed(seed)  # as lightning_ft seeds before building its model
     auto = AutoModelForSequenceClassification if task == "sst2" else AutoModelForTokenClassification
     model = auto.from_pretrained(model_dir, **head)
+    if wrap is not None:
+        model = wrap(model)
 
     padding = collator or DataCollatorWithPadding(tokenizer)
     counts = {"samples": 0, "tokens": 0, "real_tokens": 0}
@@ -197,16 +201,19 @@ def hf_trainer_run(task: str, epochs: int, train_rows: int | None, precision: st
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
             output_dir=out, per_device_train_batch_size=BATCH, per_device_eval_batch_size=2 * BATCH,
-            learning_rate=spec["lr"], weight_decay=spec["weight_decay"], max_grad_norm=1.0, num_train_epochs=epochs,
-            lr_scheduler_type="linear", warmup_steps=0, logging_strategy="no", save_strategy="no",
-            eval_strategy="no", report_to=[], use_cpu=True, seed=seed, dataloader_num_workers=0,
-            disable_tqdm=True, bf16=precision == "bf16",
+            learning_rate=lr or spec["lr"], weight_decay=spec["weight_decay"], max_grad_norm=1.0,
+            num_train_epochs=epochs, lr_scheduler_type="linear", warmup_steps=0, logging_strategy="no",
+            save_strategy="no", eval_strategy="no", report_to=[], use_cpu=True, seed=seed, dataloader_num_workers=0,
+            disable_tqdm=True, bf16=precision.startswith("bf16"),  # "bf16" here, "bf16-mixed" from peft_vs_full
             train_sampling_strategy="group_by_length" if grouped else "random",
         )
         trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collate, callbacks=[timer])
         trainer.train()
-        metric = score(trainer.predict(dev))
-    return {"seconds": timer.seconds, **timer.counts, "metric": metric}
+        result = {"seconds": timer.seconds, **timer.counts, "metric": score(trainer.predict(dev))}
+        if checkpoint:
+            trainer.save_model(out)
+            result["checkpoint_mb"] = sum(p.stat().st_size for p in Path(out).iterdir() if p.is_file()) / 2**20
+    return result
 
 
 def run(side: str, *args, **kwargs) -> dict:

@@ -35,11 +35,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from common import (  # noqa: E402
-    MINILM,
     PRECISIONS,
     ROOT,
     append_report,
-    hf_timer,
     lightning_ft_module,
     lightning_timer,
     report_heading,
@@ -90,56 +88,20 @@ def lightning_ft_run(task: str, side: str, lr: float, rows: int, seed: int, prec
 
 
 def hf_peft_run(task: str, r: int, lr: float, rows: int, seed: int, precision: str) -> dict:
-    from compare_hf import TASKS, _conll_hf, _sst2_hf
+    from compare_hf import hf_trainer_run
     from peft import LoraConfig, get_peft_model
-    from transformers import (
-        AutoModelForSequenceClassification,
-        AutoModelForTokenClassification,
-        AutoTokenizer,
-        DataCollatorWithPadding,
-        Trainer,
-        TrainingArguments,
-        set_seed,
-    )
 
-    from lightning_ft.backbones import head_modules, resolve_name
+    from lightning_ft.backbones import head_modules
     from lightning_ft.peft import target_pattern
 
-    model_dir = resolve_name(MINILM)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    train, dev, head, collator, score = (_sst2_hf if task == "sst2" else _conll_hf)(tokenizer, rows or None)
-    set_seed(seed)
-    auto = AutoModelForSequenceClassification if task == "sst2" else AutoModelForTokenClassification
-    model = auto.from_pretrained(model_dir, **head)
-    config = LoraConfig(r=r, lora_alpha=16, lora_dropout=0.05, target_modules=target_pattern(model, None),
-                        modules_to_save=head_modules(model) or None)
-    model = get_peft_model(model, config)
-    counts = {"samples": 0, "tokens": 0, "real_tokens": 0}
-    timer = hf_timer(counts)
-    padding = collator or DataCollatorWithPadding(tokenizer)
+    def lora(model):  # the LoraConfig lightning_ft builds for this model
+        config = LoraConfig(r=r, lora_alpha=16, lora_dropout=0.05, target_modules=target_pattern(model, None),
+                            modules_to_save=head_modules(model) or None)
+        return get_peft_model(model, config)
 
-    def collate(features):
-        batch = padding(features)
-        counts["samples"] += len(features)
-        counts["tokens"] += batch["input_ids"].numel()
-        counts["real_tokens"] += int(batch["attention_mask"].sum())
-        return batch
-
-    with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(
-            output_dir=out, per_device_train_batch_size=BATCH, per_device_eval_batch_size=2 * BATCH,
-            learning_rate=lr, weight_decay=TASKS[task]["weight_decay"], max_grad_norm=1.0, num_train_epochs=1,
-            lr_scheduler_type="linear", warmup_steps=0, logging_strategy="no", save_strategy="no", eval_strategy="no",
-            report_to=[], use_cpu=True, seed=seed, dataloader_num_workers=0, disable_tqdm=True,
-            bf16=precision.startswith("bf16"),
-        )
-        trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collate, callbacks=[timer])
-        trainer.train()
-        metric = score(trainer.predict(dev))
-        trainer.save_model(out)
-        size = sum(p.stat().st_size for p in Path(out).iterdir() if p.is_file())
-    return {"metric": metric, "samples_per_sec": timer.counts["samples"] / timer.seconds,
-            "checkpoint_mb": size / 2**20}
+    run = hf_trainer_run(task, 1, rows or None, precision, seed, lr=lr, wrap=lora, checkpoint=True)
+    return {"metric": run["metric"], "samples_per_sec": run["samples"] / run["seconds"],
+            "checkpoint_mb": run["checkpoint_mb"]}
 
 
 def lightning_ft_lm(side: str, steps: int, block_size: int, checkpointing: bool, seed: int, precision: str) -> dict:
