@@ -361,6 +361,32 @@ def test_packed_source_target_pairs_give_each_example_its_padded_logits_loss_and
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-4)
 
 
+def test_pack_targets_lays_each_target_after_the_earlier_sources_targets_of_its_row():
+    from lightning_ft.packing import pack_batch
+    from lightning_ft.tasks.seq2seq.data import pack_targets
+
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(5):
+        sources = torch.randint(1, 15, (9,), generator=generator).tolist()
+        targets = torch.randint(0, 10, (9,), generator=generator).tolist()  # an empty target too
+        padded = _pairs_batch(sources, targets, seed=trial)
+        rows = pack_targets(pack_batch(padded, 16, ("input_ids",), pad_id=0), multiple_of=8)
+        assert rows["labels"].shape[1] % 8 == 0
+        # The reference, one row at a time: the row's examples in the order of their sources, targets end to end.
+        expected = torch.full_like(rows["labels"], -100)
+        segments = torch.zeros_like(rows["labels"])
+        for r in range(len(rows["input_ids"])):
+            members = [i for i in range(9) if int(rows["example_rows"][i]) == r]
+            column = 0
+            for i in sorted(members, key=lambda i: int(rows["example_starts"][i])):
+                assert int(rows["decoder_starts"][i]) == column and int(rows["decoder_lengths"][i]) == targets[i]
+                expected[r, column:column + targets[i]] = padded["labels"][i, :targets[i]]
+                segments[r, column:column + targets[i]] = rows["segment_ids"][r, rows["example_starts"][i]]
+                column += targets[i]
+        assert torch.equal(rows["labels"], expected)
+        assert torch.equal(rows["decoder_segment_ids"], segments)
+
+
 def test_a_seq2seq_backbone_with_absolute_positions_is_refused_for_packing():
     bart = {"name": None, "pretrained": False, "model_type": "bart",
             "config_overrides": {"d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2,

@@ -247,24 +247,28 @@ def pack_targets(batch: dict[str, torch.Tensor], multiple_of: int | None = None)
     -100 outside the targets), ``decoder_segment_ids`` (the source's segment number, 0 for padding: the
     cross-attention pairs them), and each example's ``decoder_starts`` and ``decoder_lengths``."""
     targets = batch["labels"]
-    lengths = (targets != -100).sum(-1)
+    kept = targets != -100
+    lengths = kept.sum(-1)
     rows, starts = batch["example_rows"], batch["example_starts"]
     segments = batch["segment_ids"][rows, starts]
-    decoder_starts = torch.zeros_like(lengths)
-    for r in range(len(batch["input_ids"])):
-        members = (rows == r).nonzero().flatten()
-        members = members[starts[members].argsort()]  # the order of their sources in the row
-        offsets = lengths[members].cumsum(0)
-        decoder_starts[members] = offsets - lengths[members]
-    ends = decoder_starts + lengths
-    width = int(max(ends.max(), 1))
+    # Targets follow their sources' order within a row: sort the examples by (row, start) and take a running sum of
+    # lengths that restarts at each row. Tensor operations rather than a loop over rows: this runs in every collate.
+    order = torch.argsort(rows * (int(starts.max()) + 1) + starts)
+    sorted_rows, sorted_lengths = rows[order], lengths[order]
+    before = sorted_lengths.cumsum(0) - sorted_lengths
+    row_first = torch.zeros(len(batch["input_ids"]), dtype=before.dtype).scatter_reduce(
+        0, sorted_rows, before, reduce="amin", include_self=False)
+    decoder_starts = torch.empty_like(lengths)
+    decoder_starts[order] = before - row_first[sorted_rows]
+    width = int(max((decoder_starts + lengths).max(), 1))
     if multiple_of:
         width = -(-width // multiple_of) * multiple_of
     labels = torch.full((len(batch["input_ids"]), width), -100, dtype=targets.dtype)
     decoder_segments = torch.zeros(labels.shape, dtype=torch.long)
-    for i in range(len(targets)):
-        row, start, n = int(rows[i]), int(decoder_starts[i]), int(lengths[i])
-        labels[row, start:start + n] = targets[i][targets[i] != -100]
-        decoder_segments[row, start:start + n] = segments[i]
+    # Each kept target token goes to its example's row, at its start plus its place among the example's kept tokens.
+    row_of = rows[:, None].expand_as(targets)[kept]
+    column_of = (decoder_starts[:, None] + kept.cumsum(-1) - 1)[kept]
+    labels[row_of, column_of] = targets[kept]
+    decoder_segments[row_of, column_of] = segments[:, None].expand_as(targets)[kept]
     return {**batch, "labels": labels, "decoder_segment_ids": decoder_segments, "decoder_starts": decoder_starts,
             "decoder_lengths": lengths}
