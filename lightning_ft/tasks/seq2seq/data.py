@@ -265,10 +265,11 @@ def pack_targets(batch: dict[str, torch.Tensor], multiple_of: int | None = None)
         width = -(-width // multiple_of) * multiple_of
     labels = torch.full((len(batch["input_ids"]), width), -100, dtype=targets.dtype)
     decoder_segments = torch.zeros(labels.shape, dtype=torch.long)
-    # Each kept target token goes to its example's row, at its start plus its place among the example's kept tokens.
-    row_of = rows[:, None].expand_as(targets)[kept]
+    # Each kept target token goes to its example's row, at its start plus its place among the example's kept tokens
+    # (targets[kept] lists them example by example, so per-example values repeat once per kept token).
+    row_of = rows.repeat_interleave(lengths)
     column_of = (decoder_starts[:, None] + kept.cumsum(-1) - 1)[kept]
     labels[row_of, column_of] = targets[kept]
-    decoder_segments[row_of, column_of] = segments[:, None].expand_as(targets)[kept]
+    decoder_segments[row_of, column_of] = segments.repeat_interleave(lengths)
     return {**batch, "labels": labels, "decoder_segment_ids": decoder_segments, "decoder_starts": decoder_starts,
             "decoder_lengths": lengths}
