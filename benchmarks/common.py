@@ -14,6 +14,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# A benchmark measures the lightning_ft of the clone it sits in, not whichever one `pip install -e` last named.
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 # The benchmarks' --precision choices as Lightning precisions (bf16: autocast over fp32 weights, as the HF Trainer's
 # bf16=True does).

@@ -14,7 +14,8 @@ SmolLM2-135M-Instruct (``backbone=smollm2_gguf``) as a causal LM on Tiny Shakesp
 LoRA, with and without gradient checkpointing, the same ``--lm-steps`` steps of 4 blocks of ``--lm-block-size``
 tokens: train tokens/s, peak resident memory, validation perplexity. The block size sets how much of the peak is
 activations (which LoRA does not shrink) rather than gradients and optimizer state (which it does). A side named
-``<side>_chunked`` is that side with ``task.chunked_loss=true``: the loss without the full logits.
+``<side>_chunked`` is that side with ``task.chunked_loss=true``: the loss without the full logits; a LoRA side named
+``<side>_bf16_frozen`` keeps the weights that do not train in bf16 (``backbone.frozen_dtype=bfloat16``).
 
     python benchmarks/peft_vs_full.py --train-rows 4000 --lrs 5e-5 5e-4 --lm-steps 30
     python benchmarks/peft_vs_full.py --tasks conll --skip lm --lrs 5e-5 1e-3
@@ -53,6 +54,9 @@ SIDES = {"full": [], "lora_r8": ["peft=lora", "peft.r=8"], "lora_r16": ["peft=lo
          # the language-model comparison's extra side: peft skips the adapters' dropout (and its copy of each
          # adapted layer's input, kept for the backward pass) when it is 0
          "lora_r8_no_dropout": ["peft=lora", "peft.r=8", "peft.dropout=0.0"]}
+# The LoRA sides with their frozen weights stored in bf16 (backbone.frozen_dtype; needs --precision bf16).
+SIDES |= {f"{side}_bf16_frozen": [*overrides, "backbone.frozen_dtype=bfloat16"]
+          for side, overrides in list(SIDES.items()) if side.startswith("lora")}
 # The same sides trained on the chunked loss (no full logits) rather than the model's own (the default).
 SIDES |= {f"{side}_chunked": [*overrides, "task.chunked_loss=true"] for side, overrides in list(SIDES.items())}
 TASK_SIDES = ("full", "lora_r8", "lora_r16", "hf_peft_r8")
@@ -110,7 +114,7 @@ def lightning_ft_lm(side: str, steps: int, block_size: int, checkpointing: bool,
     overrides = ["task=clm", "backbone=smollm2_gguf", "dataset=tiny_shakespeare",
                  f"dataset.data_dir={DATA / 'tiny_shakespeare'}", "dataset.data_files.train=input.txt",
                  "dataset.val_fraction=0.1", f"dataset.block_size={block_size}", "dataset.batch_size=4",
-                 "optim.lr=" + ("1e-4" if side == "full" else "5e-4"),
+                 "optim.lr=" + ("1e-4" if side.startswith("full") else "5e-4"),
                  f"backbone.gradient_checkpointing={checkpointing}", *SIDES[side]]
     module, datamodule = lightning_ft_module(overrides, seed)
     loaded_mb = peak_mb()  # the peak so far: loading (the GGUF file dequantised) and tokenizing

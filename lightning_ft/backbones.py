@@ -340,6 +340,60 @@ def freeze(model: Any, spec: Any) -> None:
             param.requires_grad_(False)
 
 
+FROZEN_DTYPES = {"bfloat16": "bf16", "float16": "16"}  # each with the precision prefix that computes in it
+
+
+def frozen_dtype_problem(frozen_dtype: Any, precision: str | None = None, training: bool = True) -> str | None:
+    """Why ``backbone.frozen_dtype`` cannot run under the Trainer's ``precision`` (None: it can; no precision: the
+    value alone is checked). The frozen weights stored in half precision and the trained ones in float32 meet in
+    one matrix product only under autocast to that half precision (``trainer.precision=bf16-mixed``)."""
+    if frozen_dtype is None:
+        return None
+    if frozen_dtype not in FROZEN_DTYPES:
+        return (f"backbone.frozen_dtype={frozen_dtype!r} is not a choice: give bfloat16 or float16 (the weights that "
+                "do not train stored in that half precision), or null to keep them as loaded.")
+    prefix = FROZEN_DTYPES[frozen_dtype]
+    if training and precision is not None and not computes_in(frozen_dtype, precision):
+        return (f"backbone.frozen_dtype={frozen_dtype} needs the training to compute in {frozen_dtype}, and "
+                f"trainer.precision is {precision}: set trainer.precision={prefix}-mixed, or "
+                "backbone.frozen_dtype=null.")
+    return None
+
+
+def computes_in(frozen_dtype: str, precision: Any) -> bool:
+    """Whether the Trainer's ``precision`` (``bf16-mixed``, ``bf16``...) computes in ``frozen_dtype``."""
+    prefix = FROZEN_DTYPES[frozen_dtype]
+    return str(precision) == prefix or str(precision).startswith(prefix + "-")
+
+
+def store_frozen(model: Any, frozen_dtype: str | None) -> int:
+    """Store the model's floating-point weights that do not train in ``frozen_dtype`` (``backbone.frozen_dtype``),
+    in place, and return how many there are; the ones that train stay as they are (float32), so their optimizer
+    updates keep full precision. A frozen weight only feeds matrix products that autocast computes in half
+    precision anyway: stored there, it takes half the memory and is not cast again at every forward (autocast
+    caches the casts of trained weights only)."""
+    if frozen_dtype is None:
+        return 0
+    import torch
+
+    dtype = getattr(torch, frozen_dtype)
+    frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
+    for param in frozen:
+        # .data, not a new Parameter: a weight tied to another (an LM's output layer and its embeddings) stays one.
+        param.data = param.data.to(dtype)
+    return len(frozen)
+
+
+def weights_in_float32(model: Any) -> None:
+    """Every floating-point weight of ``model`` back in float32, in place (exactly: half-precision values are float32
+    values): for computing outside autocast (predict) and for merging adapters into full-precision weights."""
+    import torch
+
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
 def enable_gradient_checkpointing(model: Any) -> None:
     """Recompute each layer's activations in the backward pass instead of keeping them (``backbone.
     gradient_checkpointing``): less memory for about a third more compute."""

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import MINILM, QUICK, TINY, compose_config, random_sentences
+from pytorch_lightning.strategies import FSDPStrategy, SingleDeviceStrategy
 from safetensors.torch import load_file
 
 from lightning_ft.backbones import head_modules, layer_stacks, parameter_depths, stack_linear_names
@@ -385,6 +386,94 @@ def test_gradient_checkpointing_is_refused_for_a_model_without_it():
         classifier(backbone=albert)
 
 
+# ---- frozen weights in half precision ------------------------------------------------------------------------------
+def test_frozen_dtype_stores_the_frozen_weights_in_bf16_and_trains_the_rest_in_float32():
+    torch.manual_seed(1)
+    reference = classifier(peft={"method": "lora", "dropout": 0.0})
+    torch.manual_seed(1)  # the same adapters
+    module = classifier(backbone={**TINY_BERT, "frozen_dtype": "bfloat16"}, peft={"method": "lora", "dropout": 0.0})
+    assert {p.dtype for p in module.parameters()} == {torch.float32}  # until a Trainer's precision says to
+    module.trainer = SimpleNamespace(precision="bf16-mixed", strategy=SingleDeviceStrategy("cpu"))
+    module.setup("fit")
+    frozen = [p for p in module.parameters() if not p.requires_grad]
+    assert frozen and {p.dtype for p in frozen} == {torch.bfloat16}
+    assert {p.dtype for p in module.parameters() if p.requires_grad} == {torch.float32}
+    frozen_bytes = sum(p.numel() * p.element_size() for p in frozen)
+    assert frozen_bytes == sum(p.numel() * 2 for p in reference.parameters() if not p.requires_grad)
+
+    batch = {"input_ids": torch.randint(5, 1000, (4, 12)), "attention_mask": torch.ones(4, 12, dtype=torch.long),
+             "labels": torch.tensor([0, 1, 1, 0])}
+    losses = {}
+    for name, each in (("bf16 frozen", module), ("float32 frozen", reference)):
+        each.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses[name] = each(**batch).loss
+        losses[name].backward()
+        grads = [p.grad for p in each.parameters() if p.requires_grad]
+        assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads), name
+    # the same matrix products in bf16 either way: the frozen weights' rounding is the only difference
+    torch.testing.assert_close(losses["bf16 frozen"], losses["float32 frozen"], rtol=2e-2, atol=2e-2)
+    # the checksum that a resumed run checks is the loaded weights', whatever their storage
+    assert torch.equal(module._frozen_checksum, reference._frozen_checksum)
+
+
+def test_frozen_dtype_is_refused_where_it_cannot_run_and_an_evaluation_in_float32_keeps_float32(tmp_path, monkeypatch):
+    module = classifier(backbone={**TINY_BERT, "frozen_dtype": "bfloat16"}, peft={"method": "lora"})
+    module.trainer = SimpleNamespace(precision="32-true", strategy=SingleDeviceStrategy("cpu"))
+    with pytest.raises(UserError, match=r"backbone.frozen_dtype=bfloat16 needs the training to compute in bfloat16, "
+                                        r"and trainer.precision is 32-true: set trainer.precision=bf16-mixed, or "):
+        module.setup("fit")
+    module.setup("validate")  # an evaluation without autocast: the weights stay as loaded
+    assert {p.dtype for p in module.parameters()} == {torch.float32}
+    module.trainer = SimpleNamespace(precision="bf16-mixed", strategy=FSDPStrategy())
+    with pytest.raises(UserError, match="backbone.frozen_dtype=bfloat16 keeps two dtypes in the model, which "
+                                        "FSDPStrategy does not take: set backbone.frozen_dtype=null, or train"):
+        module.setup("fit")
+    with pytest.raises(UserError, match="backbone.frozen_dtype=bfloat16: every weight trains, so none would be "
+                                        "stored in it; use it with peft=lora or backbone.freeze"):
+        classifier(backbone={**TINY_BERT, "frozen_dtype": "bfloat16"})
+    with pytest.raises(UserError, match="backbone.frozen_dtype='int8' is not a choice: give bfloat16 or float16"):
+        classifier(backbone={**TINY_BERT, "frozen_dtype": "int8"}, peft={"method": "lora"})
+
+    import lightning_ft.tasks.base
+
+    monkeypatch.setattr(lightning_ft.tasks.base, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(UserError, match="trainer.precision is 32-true: set trainer.precision=bf16-mixed"):
+        train(compose_config([*QUICK, "peft=lora", "backbone.frozen_dtype=bfloat16", "trainer.precision=32-true"],
+                             tmp_path))
+
+
+def test_a_lora_run_with_bf16_frozen_weights_checkpoints_resumes_and_exports_float32(data_dir, tmp_path):
+    from transformers import pipeline
+
+    from lightning_ft.predict import main as predict
+
+    args = [*QUICK, f"dataset.data_dir={data_dir}", "dataset.batch_size=8", "peft=lora",
+            "backbone.frozen_dtype=bfloat16", "trainer.precision=bf16-mixed", "scheduler=constant"]
+    run = tmp_path / "run"
+    train(compose_config([*args, "trainer.max_epochs=1", "export=false", "test=false"], run))
+    keys = state_dict_of(run / "checkpoints" / "last.ckpt")
+    assert all("lora_" in k or "classifier.modules_to_save" in k or k == FROZEN_CHECKSUM for k in keys)
+    assert {t.dtype for k, t in keys.items() if k != FROZEN_CHECKSUM} == {torch.float32}
+    train(compose_config([*args, "trainer.max_epochs=2", "resume=auto"], run))  # the checksum matches on resume
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["resumed_from"].endswith("last.ckpt")
+
+    # the export: float32 throughout, the frozen weights those the run trained with (bf16 values)
+    exported = load_file(run / "hf_model" / "model.safetensors")
+    assert {t.dtype for t in exported.values()} == {torch.float32}
+    embeddings = exported["bert.embeddings.word_embeddings.weight"]
+    assert torch.equal(embeddings, embeddings.bfloat16().float())
+    predicted = pipeline("text-classification", model=str(run / "hf_model"))(TEXTS)
+    # predict from the checkpoint computes in float32 on the weights as loaded: the same answers, to bf16's rounding
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    assert predict([f"ckpt_path={metrics['best_model_path']}", f"input={source}", f"output={output}"]) == 0
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [r["label"] for r in rows] == [p["label"] for p in predicted]
+    assert [r["score"] for r in rows] == pytest.approx([p["score"] for p in predicted], abs=2e-2)
+
+
 # ---- QLoRA, configs and bad input -----------------------------------------------------------------------------------
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a machine without CUDA")
 def test_qlora_without_cuda_is_refused_in_one_sentence_before_the_model(tmp_path, monkeypatch):
@@ -408,6 +497,7 @@ def test_the_peft_configs_compose_and_full_fine_tuning_is_the_default(tmp_path):
     for name in sorted(p.stem for p in (config_dir() / "backbone").glob("*.yaml")):
         backbone = compose_config([f"backbone={name}"], tmp_path).backbone
         assert backbone.freeze is None and backbone.gradient_checkpointing is False, name
+        assert backbone.frozen_dtype is None, name
     assert compose_config([], tmp_path).optim.layer_decay is None
 
 

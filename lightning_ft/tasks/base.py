@@ -21,7 +21,16 @@ from transformers.modeling_outputs import CausalLMOutput
 from lightning_ft import chunked_loss
 from lightning_ft import packing as packed
 from lightning_ft import peft as adapters
-from lightning_ft.backbones import enable_gradient_checkpointing, evaluating, freeze, load_model
+from lightning_ft.backbones import (
+    computes_in,
+    enable_gradient_checkpointing,
+    evaluating,
+    freeze,
+    frozen_dtype_problem,
+    load_model,
+    store_frozen,
+    weights_in_float32,
+)
 from lightning_ft.errors import UserError
 from lightning_ft.optim import parameter_groups
 
@@ -138,7 +147,11 @@ class TaskModule(pl.LightningModule):
         settings = dict(backbone)
         frozen_part = settings.pop("freeze", None)
         checkpointing = bool(settings.pop("gradient_checkpointing", False))
+        self.frozen_dtype = settings.pop("frozen_dtype", None)
         adapters.check(peft, settings | {"freeze": frozen_part})  # before any model work
+        problem = frozen_dtype_problem(self.frozen_dtype)
+        if problem:
+            raise UserError(problem)
         self.peft = adapters.settings(peft)
         # What rebuilds the base model without adapters (a peft export of a model built from a config saves it).
         self._load_settings = {**settings, **(model_config or {})}
@@ -157,6 +170,10 @@ class TaskModule(pl.LightningModule):
         # Every name a frozen weight goes by: a tied one (GPT-2's lm_head.weight is its wte.weight) is in the state dict
         # under each of them.
         self._frozen = frozenset(n for n, p in self.named_parameters(remove_duplicate=False) if not p.requires_grad)
+        if self.frozen_dtype and not self._frozen:
+            raise UserError(f"backbone.frozen_dtype={self.frozen_dtype}: every weight trains, so none would be stored "
+                            "in it; use it with peft=lora or backbone.freeze, or set it to null.")
+        # Of the weights as loaded: a run that stores them in half precision (setup) rounds the same values.
         self._frozen_checksum = self._checksum() if self._frozen else None
         trainable, total = self.trainable_parameters
         log.info("trainable parameters: %s of %s (%.2f%%)%s", f"{trainable:,}", f"{total:,}", 100 * trainable / total,
@@ -462,6 +479,25 @@ class TaskModule(pl.LightningModule):
         rank = self.trainer.global_rank if self._trainer is not None else 0
         self._rng_to_restore = states[rank] if rank < len(states) else (states[0] if states else None)
 
+    def setup(self, stage: str) -> None:
+        # The frozen weights go to half precision here, not at construction: the construction's checks (packing,
+        # chunked loss, document isolation) compare float32 outputs, and only a Trainer's precision says whether
+        # the forward runs under the autocast that mixes them with the float32 trained ones.
+        if not self.frozen_dtype:
+            return
+        problem = frozen_dtype_problem(self.frozen_dtype, str(self.trainer.precision), training=stage == "fit")
+        if problem:
+            raise UserError(problem)
+        strategy = self.trainer.strategy
+        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or isinstance(strategy, DeepSpeedStrategy):
+            # FSDP flattens a layer's weights into one tensor of one dtype; DeepSpeed casts the model itself.
+            raise UserError(f"backbone.frozen_dtype={self.frozen_dtype} keeps two dtypes in the model, which "
+                            f"{type(strategy).__name__} does not take: set backbone.frozen_dtype=null, or train "
+                            "on one device or with DDP.")
+        if computes_in(self.frozen_dtype, self.trainer.precision):
+            store_frozen(self.model, self.frozen_dtype)
+            log.info("frozen weights stored in %s (backbone.frozen_dtype)", self.frozen_dtype)
+
     def on_fit_start(self) -> None:
         # The chunked loss reads the output weight outside the output layer's forward: under FSDP or DeepSpeed that
         # weight may be a shard there, so those strategies compute the logits as the model does.
@@ -492,6 +528,10 @@ class TaskModule(pl.LightningModule):
             adapters.save_adapters(self._peft_model, directory, name,
                                    lambda: load_model(self.auto_class, **self._load_settings))
         else:
+            # Frozen weights kept in half precision (backbone.frozen_dtype) go back to float32 first: the export is
+            # one dtype, as its config says, and the adapters' small updates are not rounded away by the merge.
+            if self.frozen_dtype:
+                weights_in_float32(self.model)
             if self._peft_model is not None:
                 # The adapters merged into their weights, in place (no second copy of the model): the export is the
                 # run's last use of the module, which from here holds the plain merged model.
