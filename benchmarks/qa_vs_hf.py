@@ -16,12 +16,16 @@ OpenBookQA: both sides train on its train split (4,957) with the ``run_swag.py``
 64) and report dev accuracy (500).
 
     python benchmarks/qa_vs_hf.py --epochs 1 --precision bf16 --train-questions 4000
+    # one change on lightning_ft's side, the HF side's models of an earlier run reused
+    python benchmarks/qa_vs_hf.py --epochs 1 --precision bf16 --train-questions 4000 --seeds 42 43 44 \
+        --skip cross memory obqa --reuse <run folder> --lightning-ft-overrides dataset.pad_to_multiple_of=384
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import hashlib
 import json
 import os
 import re
@@ -123,13 +127,16 @@ def squad_rows(path: Path):
 
 
 # ---- lightning_ft ------------------------------------------------------------------------------------------------
-def lightning_ft_qa(paths: dict[str, Path], epochs: int, precision: str, out: Path, seed: int = 42) -> dict:
+def lightning_ft_qa(paths: dict[str, Path], epochs: int, precision: str, out: Path, seed: int = 42,
+                    extra: tuple[str, ...] = ()) -> dict:
+    """lightning_ft's side; ``extra``: overrides on top of the shipped config (``--lightning-ft-overrides``)."""
     import pytorch_lightning as pl
 
     overrides = ["experiment=minilm_squad", "dataset.data_dir=null", "dataset.hub_name=null",
                  f"+dataset.data_files={{train: {paths['train']}, validation: {paths['validation']}}}",
                  f"dataset.batch_size={BATCH}", f"optim.lr={LR}", f"optim.weight_decay={DECAY}",
-                 f"scheduler.warmup_ratio={WARMUP}", f"dataset.max_length={MAX_LEN}", f"dataset.doc_stride={STRIDE}"]
+                 f"scheduler.warmup_ratio={WARMUP}", f"dataset.max_length={MAX_LEN}", f"dataset.doc_stride={STRIDE}",
+                 *extra]
     module, datamodule = lightning_ft_module(overrides, seed=seed)
     timer = lightning_timer()
     trainer = pl.Trainer(accelerator="cpu", devices=1, precision=precision, max_epochs=epochs, gradient_clip_val=1.0,
@@ -426,12 +433,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reuse", help="the folder of an earlier run (printed at its start): evaluate the models it "
                                         "trained, with the training figures it saved, instead of training again")
+    parser.add_argument("--lightning-ft-overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="SQuAD: train lightning_ft's side with these overrides too (e.g. "
+                             "dataset.pad_to_multiple_of=384), to isolate one change; its files in the run folder "
+                             "are kept apart from the shipped side's (needs --skip cross memory)")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     parser.add_argument("--memory-child", choices=["lightning_ft", "hf_trainer"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    extra = tuple(args.lightning_ft_overrides)
+    if extra and not {"cross", "memory"} <= set(args.skip) and "squad" not in args.skip:
+        parser.error("--lightning-ft-overrides: add --skip cross memory (those steps read the shipped side's models)")
     torch.set_num_threads(args.threads)
     precision = PRECISIONS[args.precision]
     if args.memory_child:
@@ -454,12 +468,18 @@ def main() -> None:
         for seed in args.seeds:  # the same seeds for both sides; the first seed's files keep their old names
             tag = "" if seed == args.seeds[0] else f"_seed{seed}"
             for side, run in (("hf_trainer", hf_trainer_qa), ("lightning_ft", lightning_ft_qa)):
-                saved = folder / f"train_{side}{tag}.json"
+                # a changed lightning_ft side's files are named by its overrides, so that --reuse never mixes them
+                named = f"{side}{tag}" + (f"_{hashlib.sha1(' '.join(extra).encode()).hexdigest()[:8]}"
+                                          if extra and side == "lightning_ft" else "")
+                saved = folder / f"train_{named}.json"
                 if not (args.reuse and saved.is_file()):
-                    saved.write_text(json.dumps(run(paths, args.epochs, precision, folder / f"model_{side}{tag}",
-                                                    seed=seed)))
+                    kwargs = {"extra": extra} if side == "lightning_ft" else {}
+                    saved.write_text(json.dumps(run(paths, args.epochs, precision, folder / f"model_{named}",
+                                                    seed=seed, **kwargs)))
                 by_seed[side].append(json.loads(saved.read_text()))
                 print(side, seed, by_seed[side][-1], flush=True)
+        if extra:  # the changed side is reported under its overrides
+            by_seed[f"lightning_ft ({' '.join(extra)})"] = by_seed.pop("lightning_ft")
         runs = {side: results[0] for side, results in by_seed.items()}
         # Each model scored by both evaluations: separates what training did from what post-processing does.
         cross = {} if "cross" in args.skip else {
