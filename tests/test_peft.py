@@ -416,6 +416,16 @@ def test_frozen_dtype_stores_the_frozen_weights_in_bf16_and_trains_the_rest_in_f
     # the checksum that a resumed run checks is the loaded weights', whatever their storage
     assert torch.equal(module._frozen_checksum, reference._frozen_checksum)
 
+    probe = classifier(backbone={**TINY_BERT, "freeze": "all", "frozen_dtype": "bfloat16"})  # a linear probe
+    probe.trainer = SimpleNamespace(precision="bf16", strategy=SingleDeviceStrategy("cpu"))  # bf16: bf16-mixed
+    probe.setup("fit")
+    assert {n: p.dtype for n, p in probe.model.named_parameters() if p.requires_grad} == {
+        "classifier.weight": torch.float32, "classifier.bias": torch.float32}
+    assert {p.dtype for p in probe.model.bert.parameters()} == {torch.bfloat16}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        probe(**batch).loss.backward()
+    assert probe.model.classifier.weight.grad.dtype == torch.float32
+
 
 def test_frozen_dtype_is_refused_where_it_cannot_run_and_an_evaluation_in_float32_keeps_float32(tmp_path, monkeypatch):
     module = classifier(backbone={**TINY_BERT, "frozen_dtype": "bfloat16"}, peft={"method": "lora"})
