@@ -366,27 +366,23 @@ def computes_in(frozen_dtype: str, precision: Any) -> bool:
     return str(precision) == prefix or str(precision).startswith(prefix + "-")
 
 
-def store_frozen(model: Any, frozen_dtype: str | None) -> int:
+def store_frozen(model: Any, frozen_dtype: str) -> None:
     """Store the model's floating-point weights that do not train in ``frozen_dtype`` (``backbone.frozen_dtype``),
-    in place, and return how many there are; the ones that train stay as they are (float32), so their optimizer
-    updates keep full precision. A frozen weight only feeds matrix products that autocast computes in half
-    precision anyway: stored there, it takes half the memory and is not cast again at every forward (autocast
-    caches the casts of trained weights only)."""
-    if frozen_dtype is None:
-        return 0
+    in place; the ones that train stay as they are (float32), so their optimizer updates keep full precision. A
+    frozen weight only feeds matrix products that autocast computes in half precision anyway: stored there, it takes
+    half the memory and is not cast again at every forward (autocast caches the casts of trained weights only)."""
     import torch
 
     dtype = getattr(torch, frozen_dtype)
-    frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
-    for param in frozen:
-        # .data, not a new Parameter: a weight tied to another (an LM's output layer and its embeddings) stays one.
-        param.data = param.data.to(dtype)
-    return len(frozen)
+    for param in model.parameters():
+        if not param.requires_grad and param.is_floating_point():
+            # .data, not a new Parameter: a weight tied to another (an LM's output layer and its embeddings) stays one.
+            param.data = param.data.to(dtype)
 
 
 def weights_in_float32(model: Any) -> None:
     """Every floating-point weight of ``model`` back in float32, in place (exactly: half-precision values are float32
-    values): for computing outside autocast (predict) and for merging adapters into full-precision weights."""
+    values): the export's, so that it has one dtype and the adapters merge into full-precision weights."""
     import torch
 
     for param in model.parameters():
