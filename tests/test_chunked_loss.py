@@ -129,3 +129,32 @@ def test_under_fsdp_or_deepspeed_the_chunked_loss_is_turned_off_and_under_ddp_ke
         monkeypatch.setattr(type(task), "trainer", property(lambda self, fake=fake: fake))
         task.on_fit_start()
         assert task.chunked_loss is kept, strategy
+
+
+def test_with_lora_on_bf16_frozen_weights_the_chunked_loss_is_the_models_within_bf16_precision():
+    from types import SimpleNamespace
+
+    from pytorch_lightning.strategies import SingleDeviceStrategy
+
+    backbone = {"name": None, "pretrained": False, "model_type": "llama", "config_overrides": DECODERS["llama"],
+                "init_seed": 0, "frozen_dtype": "bfloat16"}
+    lora = {"method": "lora", "dropout": 0.0}
+    torch.manual_seed(2)
+    task = LanguageModelingTask(objective="clm", backbone=backbone, chunked_loss=True, peft=lora)
+    torch.manual_seed(2)  # the same adapters
+    off = LanguageModelingTask(objective="clm", backbone=backbone, peft=lora)
+    for each in (task, off):
+        each.trainer = SimpleNamespace(precision="bf16-mixed", strategy=SingleDeviceStrategy("cpu"))
+        each.setup("fit")
+        each.train()
+    assert task.model.get_output_embeddings().weight.dtype == torch.bfloat16
+    batch = _batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        chunked, plain = task(**batch).loss, off(**batch).loss
+    chunked.backward(), plain.backward()
+    torch.testing.assert_close(chunked.float(), plain.float(), rtol=2e-2, atol=2e-2)
+    grads = {n: p.grad for n, p in task.named_parameters() if p.requires_grad}
+    expected = {n: p.grad for n, p in off.named_parameters() if p.requires_grad}
+    assert grads.keys() == expected.keys() and all(g is not None and g.dtype == torch.float32 for g in grads.values())
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected[name], rtol=5e-2, atol=5e-3, msg=name)
