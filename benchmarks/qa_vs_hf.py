@@ -465,12 +465,12 @@ def main() -> None:
     lines, summaries = [], []
     if "squad" not in args.skip:
         runs, by_seed = {}, {"hf_trainer": [], "lightning_ft": []}
+        # a changed lightning_ft side's files are named by its overrides, so that --reuse never mixes them
+        changed = f"_{hashlib.sha1(' '.join(extra).encode()).hexdigest()[:8]}" if extra else ""
         for seed in args.seeds:  # the same seeds for both sides; the first seed's files keep their old names
             tag = "" if seed == args.seeds[0] else f"_seed{seed}"
             for side, run in (("hf_trainer", hf_trainer_qa), ("lightning_ft", lightning_ft_qa)):
-                # a changed lightning_ft side's files are named by its overrides, so that --reuse never mixes them
-                named = f"{side}{tag}" + (f"_{hashlib.sha1(' '.join(extra).encode()).hexdigest()[:8]}"
-                                          if extra and side == "lightning_ft" else "")
+                named = f"{side}{tag}{changed if side == 'lightning_ft' else ''}"
                 saved = folder / f"train_{named}.json"
                 if not (args.reuse and saved.is_file()):
                     kwargs = {"extra": extra} if side == "lightning_ft" else {}

@@ -343,21 +343,19 @@ def freeze(model: Any, spec: Any) -> None:
 FROZEN_DTYPES = {"bfloat16": "bf16", "float16": "16"}  # each with the precision prefix that computes in it
 
 
-def frozen_dtype_problem(frozen_dtype: Any, precision: str | None = None, training: bool = True) -> str | None:
-    """Why ``backbone.frozen_dtype`` cannot run under the Trainer's ``precision`` (None: it can; no precision: the
-    value alone is checked). The frozen weights stored in half precision and the trained ones in float32 meet in
-    one matrix product only under autocast to that half precision (``trainer.precision=bf16-mixed``)."""
+def check_frozen_dtype(frozen_dtype: Any, precision: str | None = None, training: bool = True) -> None:
+    """Refuse, in one sentence, a ``backbone.frozen_dtype`` that cannot run under the Trainer's ``precision`` (no
+    precision: the value alone is checked). The frozen weights stored in half precision and the trained ones in
+    float32 meet in one matrix product only under autocast to that half precision (``trainer.precision=bf16-mixed``)."""
     if frozen_dtype is None:
-        return None
+        return
     if frozen_dtype not in FROZEN_DTYPES:
-        return (f"backbone.frozen_dtype={frozen_dtype!r} is not a choice: give bfloat16 or float16 (the weights that "
-                "do not train stored in that half precision), or null to keep them as loaded.")
-    prefix = FROZEN_DTYPES[frozen_dtype]
+        raise UserError(f"backbone.frozen_dtype={frozen_dtype!r} is not a choice: give bfloat16 or float16 (the "
+                        "weights that do not train stored in that half precision), or null to keep them as loaded.")
     if training and precision is not None and not computes_in(frozen_dtype, precision):
-        return (f"backbone.frozen_dtype={frozen_dtype} needs the training to compute in {frozen_dtype}, and "
-                f"trainer.precision is {precision}: set trainer.precision={prefix}-mixed, or "
-                "backbone.frozen_dtype=null.")
-    return None
+        raise UserError(f"backbone.frozen_dtype={frozen_dtype} needs the training to compute in {frozen_dtype}, and "
+                        f"trainer.precision is {precision}: set trainer.precision={FROZEN_DTYPES[frozen_dtype]}-mixed,"
+                        " or backbone.frozen_dtype=null.")
 
 
 def computes_in(frozen_dtype: str, precision: Any) -> bool:

@@ -83,7 +83,7 @@ def plan_run(cfg: DictConfig, command: list[str] | None = None, rank: int = 0) -
     UserError naming the setting at fault. Nothing is written."""
     check_values(cfg)  # first: it needs no library, so a config error answers at once
     from lightning_ft import peft
-    from lightning_ft.backbones import frozen_dtype_problem
+    from lightning_ft.backbones import check_frozen_dtype
     from lightning_ft.rundir import settle_run_dir
     from lightning_ft.throughput import resolve_precision
 
@@ -101,9 +101,7 @@ def plan_run(cfg: DictConfig, command: list[str] | None = None, rank: int = 0) -
     precision = str(resolve_precision(cfg.trainer.get("precision", "auto"), accelerator))
     if rank == 0:  # once, not once a rank
         warn_emulated_bf16(precision, accelerator)
-    problem = frozen_dtype_problem(cfg.backbone.get("frozen_dtype"), precision, training=bool(cfg.train))
-    if problem:
-        raise UserError(problem)
+    check_frozen_dtype(cfg.backbone.get("frozen_dtype"), precision, training=bool(cfg.train))
     plan = RunPlan(
         run_dir=run_dir, rank=rank, seed=int(cfg.seed), train=bool(cfg.train), test=bool(cfg.test),
         export=bool(cfg.export), validate_before=bool(cfg.get("validate_before")), ckpt_path=ckpt_path,

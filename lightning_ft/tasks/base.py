@@ -22,11 +22,11 @@ from lightning_ft import chunked_loss
 from lightning_ft import packing as packed
 from lightning_ft import peft as adapters
 from lightning_ft.backbones import (
+    check_frozen_dtype,
     computes_in,
     enable_gradient_checkpointing,
     evaluating,
     freeze,
-    frozen_dtype_problem,
     load_model,
     store_frozen,
     weights_in_float32,
@@ -92,6 +92,13 @@ def set_rng_states(states: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+def holds_whole_weights(strategy: Any) -> bool:
+    """Whether each process holds every weight whole, as the module made it: one device or DDP. FSDP flattens a
+    layer's weights into one sharded tensor of one dtype, and DeepSpeed (a DDPStrategy subclass) casts and shards the
+    model itself."""
+    return isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) and not isinstance(strategy, DeepSpeedStrategy)
+
+
 class TaskModule(pl.LightningModule):
     """Shared machinery of every task: backbone loading, AdamW groups, warmup schedules, corpus-level metrics.
 
@@ -149,9 +156,7 @@ class TaskModule(pl.LightningModule):
         checkpointing = bool(settings.pop("gradient_checkpointing", False))
         self.frozen_dtype = settings.pop("frozen_dtype", None)
         adapters.check(peft, settings | {"freeze": frozen_part})  # before any model work
-        problem = frozen_dtype_problem(self.frozen_dtype)
-        if problem:
-            raise UserError(problem)
+        check_frozen_dtype(self.frozen_dtype)
         self.peft = adapters.settings(peft)
         # What rebuilds the base model without adapters (a peft export of a model built from a config saves it).
         self._load_settings = {**settings, **(model_config or {})}
@@ -485,12 +490,9 @@ class TaskModule(pl.LightningModule):
         # the forward runs under the autocast that mixes them with the float32 trained ones.
         if not self.frozen_dtype:
             return
-        problem = frozen_dtype_problem(self.frozen_dtype, str(self.trainer.precision), training=stage == "fit")
-        if problem:
-            raise UserError(problem)
+        check_frozen_dtype(self.frozen_dtype, str(self.trainer.precision), training=stage == "fit")
         strategy = self.trainer.strategy
-        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or isinstance(strategy, DeepSpeedStrategy):
-            # FSDP flattens a layer's weights into one tensor of one dtype; DeepSpeed casts the model itself.
+        if not holds_whole_weights(strategy):
             raise UserError(f"backbone.frozen_dtype={self.frozen_dtype} keeps two dtypes in the model, which "
                             f"{type(strategy).__name__} does not take: set backbone.frozen_dtype=null, or train "
                             "on one device or with DDP.")
@@ -502,8 +504,7 @@ class TaskModule(pl.LightningModule):
         # The chunked loss reads the output weight outside the output layer's forward: under FSDP or DeepSpeed that
         # weight may be a shard there, so those strategies compute the logits as the model does.
         strategy = self.trainer.strategy
-        if self.chunked_loss and (not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy))
-                                  or isinstance(strategy, DeepSpeedStrategy)):  # (a DDPStrategy subclass)
+        if self.chunked_loss and not holds_whole_weights(strategy):
             log.info("task.chunked_loss: off under %s (the logits are computed in full)",
                      type(strategy).__name__)
             self.chunked_loss = False
