@@ -79,16 +79,38 @@ def real_tokens(batch) -> tuple[int, int]:
     return real, batch["input_ids"].numel() + labels.numel()
 
 
+def lightning_ft_overrides(tokenizer_dir: Path, data_dir: Path) -> list[str]:
+    """lightning_ft's side of the recipe: experiment=t5_multi30k on the shared data and tokenizer, with the settings
+    both sides share."""
+    return ["experiment=t5_multi30k", f"dataset.data_dir={data_dir}", f"backbone.tokenizer={tokenizer_dir}",
+            "~backbone.train_tokenizer", f"dataset.batch_size={BATCH}", f"optim.lr={LR}",
+            f"optim.weight_decay={DECAY}", f"scheduler.warmup_ratio={WARMUP}",
+            f"dataset.max_source_length={MAX_LEN}", f"dataset.max_target_length={MAX_LEN}",
+            f"task.num_beams={BEAMS}", f"task.max_new_tokens={MAX_NEW}"]
+
+
+def prepare_folder(folder: Path, train_pairs: int | None) -> None:
+    """What both sides read, written into ``folder``: Multi30k as parallel files under ``multi30k/`` (the train
+    split cut to ``train_pairs`` for smoke runs) and the Unigram tokenizer trained on its training text under
+    ``tokenizer/``."""
+    from lightning_ft.tokenizer_training import train_tokenizer
+
+    data_dir = folder / "multi30k"
+    data_dir.mkdir()
+    for split in SPLITS:
+        de, en = read_split(split, train_pairs if split == "train" else None)
+        for lang, lines in (("de", de), ("en", en)):
+            (data_dir / f"{SPLITS[split]}.{lang}").write_text("".join(line + "\n" for line in lines),
+                                                              encoding="utf-8")
+    de, en = read_split("train", train_pairs)
+    train_tokenizer(de + en, algorithm="unigram", vocab_size=VOCAB).save_pretrained(folder / "tokenizer")
+
+
 def lightning_ft_translation(tokenizer_dir: Path, data_dir: Path, epochs: int, extra: list[str],
                              seed: int, precision: str) -> dict:
     import pytorch_lightning as pl
 
-    overrides = ["experiment=t5_multi30k", f"dataset.data_dir={data_dir}", f"backbone.tokenizer={tokenizer_dir}",
-                 "~backbone.train_tokenizer", f"dataset.batch_size={BATCH}", f"optim.lr={LR}",
-                 f"optim.weight_decay={DECAY}", f"scheduler.warmup_ratio={WARMUP}",
-                 f"dataset.max_source_length={MAX_LEN}", f"dataset.max_target_length={MAX_LEN}",
-                 f"task.num_beams={BEAMS}", f"task.max_new_tokens={MAX_NEW}", *extra]
-    module, datamodule = lightning_ft_module(overrides, seed=seed)
+    module, datamodule = lightning_ft_module([*lightning_ft_overrides(tokenizer_dir, data_dir), *extra], seed=seed)
     counts = {"real": 0, "all": 0}
 
     class Tokens(pl.Callback):
@@ -211,8 +233,6 @@ def main() -> None:
                              "trains (the timings of the two sides then come from different runs)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from lightning_ft.tokenizer_training import train_tokenizer
-
     reused = Path(args.reuse_hf_run) if args.reuse_hf_run else None
     folder = reused or Path(tempfile.mkdtemp(prefix="seq2seq_bench_"))
     print(f"run folder: {folder}", flush=True)
@@ -223,16 +243,7 @@ def main() -> None:
         if "fp32" in runs["hf_trainer"]:  # older runs saved their generation as "fp32"; it ran under bf16 autocast
             runs["hf_trainer"]["bf16-mixed"] = runs["hf_trainer"].pop("fp32")
     else:
-        # The data both sides read: Multi30k as parallel files (cut to --train-pairs for smoke runs).
-        data_dir.mkdir()
-        for split in SPLITS:
-            de, en = read_split(split, args.train_pairs if split == "train" else None)
-            for lang, lines in (("de", de), ("en", en)):
-                (data_dir / f"{SPLITS[split]}.{lang}").write_text("".join(line + "\n" for line in lines),
-                                                                  encoding="utf-8")
-        de, en = read_split("train", args.train_pairs)
-        tokenizer = train_tokenizer(de + en, algorithm="unigram", vocab_size=VOCAB)
-        tokenizer.save_pretrained(folder / "tokenizer")
+        prepare_folder(folder, args.train_pairs)
 
     precision = PRECISIONS[args.precision]
     for side in ["hf_trainer", *[s for s in args.sides if s != "hf_trainer"]]:
