@@ -65,8 +65,9 @@ def layout(lengths: list[int], capacity: int, multiple_of: int | None = None) ->
     total = sum(lengths)
     best, least = None, float("inf")
     width = rounded(max(lengths))
-    # every layout at width w holds at least `total` positions: past the w where that bound passes the least work
-    # found, nothing wider can win
+    # A layout first fit makes within w whose widest row is narrower was already found at that width (first fit
+    # decides the same), so a new one is w wide and holds at least `total` positions: past the w where that bound
+    # passes the least work found, nothing wider can win.
     while best is None or (width <= capacity and total * (1 + width / ROW_ATTENTION_WIDTH) < least):
         rows = first_fit(lengths, width)
         cost = work(len(rows), _width(rows, lengths, step, capacity))
