@@ -72,17 +72,23 @@ def task_module(task: str, folder: Path):
     return lightning_ft_module(overrides, seed=42)
 
 
+def real_lengths(batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each example's real tokens in a batch, packed or padded: its input (an encoder-decoder's source) and, for an
+    encoder-decoder, its target (None otherwise)."""
+    sources = batch["example_lengths"] if "example_lengths" in batch else batch["attention_mask"].sum(-1)
+    return sources, batch.get("decoder_lengths")
+
+
 def training_flops_of(module, batch: dict) -> float:
     """Forward + backward FLOPs of one batch's real tokens (``lightning_ft.throughput.training_flops``); an
     encoder-decoder counts its encoder on the sources, its decoder and output layer on the targets, and
     cross-attention's scores and values like self-attention's."""
     from lightning_ft.throughput import model_shape, training_flops
 
-    sources = batch["example_lengths"] if "example_lengths" in batch else batch["attention_mask"].sum(-1)
+    sources, targets = real_lengths(batch)
     model = module.model
-    if not getattr(model.config, "is_encoder_decoder", False):
+    if targets is None:
         return training_flops(*model_shape(model), sources)
-    targets = batch["decoder_lengths"] if "decoder_lengths" in batch else (batch["labels"] != -100).sum(-1)
     _, layers, hidden = model_shape(model)
     encoder = sum(p.numel() for n, p in model.encoder.named_parameters() if "embed" not in n)
     decoder = sum(p.numel() for n, p in model.decoder.named_parameters() if "embed" not in n)
@@ -156,14 +162,10 @@ def main() -> None:
             for _ in range(args.steps):
                 with torch.profiler.record_function("collate"):
                     batch = next(batches)
-                examples += len(batch["example_lengths"]) if "example_lengths" in batch else len(batch["input_ids"])
-                for key, lengths in (("example_lengths", "attention_mask"), ("decoder_lengths", None)):
-                    if key in batch:
-                        tokens += int(batch[key].sum())
-                    elif lengths in batch:
-                        tokens += int(batch[lengths].sum())
-                positions += batch["input_ids"].numel() + (batch["labels"].numel() if "decoder_lengths" in batch
-                                                           else 0)
+                sources, targets = real_lengths(batch)
+                examples += len(sources)
+                tokens += int(sources.sum()) + (0 if targets is None else int(targets.sum()))
+                positions += batch["input_ids"].numel() + (0 if targets is None else batch["labels"].numel())
                 step(batch)
     phases = ("collate", "forward", "attention forward", "backward", "clipping and optimizer")
     spent: dict[str, float] = defaultdict(float)
