@@ -231,7 +231,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--train-rows", type=int, nargs="+", default=None,
                         help="first N training rows, one value per --task (0 or default: all)")
-    parser.add_argument("--repeats", type=int, default=3, help="seeds per side (42, 43, ...), the same for every side")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="seeds per side (--first-seed, the next, ...), the same for every side")
+    parser.add_argument("--first-seed", type=int, default=42, help="the first run's seed (more seeds: a new range)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     args = parser.parse_args()
@@ -242,6 +244,7 @@ def main() -> None:
         parser.error(f"unknown side {unknown[0]!r}: use {', '.join(SIDES)}")
     rows_for = {task: n or None for task, n in zip(args.task, args.train_rows or [0] * len(args.task))}
 
+    seeds = range(args.first_seed, args.first_seed + args.repeats)
     sections = []
     for task in args.task:
         table, runs_by, summaries = [], {}, []
@@ -250,11 +253,11 @@ def main() -> None:
             for side in sides:  # untimed: the first run of each in a process pays one-time costs (oneDNN kernels)
                 run(side, task, 1, 320, precision, seed=0)
             runs = runs_by[precision] = {side: [] for side in sides}
-            for repeat in range(args.repeats):  # alternating, so drift in machine speed hits all sides alike
+            for seed in seeds:  # alternating, so drift in machine speed hits all sides alike
                 for side in sides:
-                    r = run(side, task, args.epochs, rows_for[task], precision, seed=42 + repeat)
+                    r = run(side, task, args.epochs, rows_for[task], precision, seed=seed)
                     runs[side].append(r)
-                    print(f"[{task} {precision} seed {42 + repeat}] {side}: {r['samples'] / r['seconds']:.1f} "
+                    print(f"[{task} {precision} seed {seed}] {side}: {r['samples'] / r['seconds']:.1f} "
                           f"samples/s, padding {1 - r['real_tokens'] / r['tokens']:.1%}, dev {r['metric']:.4f}"
                           + (f", compiled {r['compile_graphs']} graphs in {r['compile_seconds']:.1f} s"
                              if "compile_graphs" in r else ""), flush=True)
@@ -293,7 +296,7 @@ def main() -> None:
             f"Work: {args.epochs} epoch(s) over {rows}"
             f" train rows, batch {BATCH}, max length {MAX_LEN}, lr {TASKS[task]['lr']}, weight decay "
             f"{TASKS[task]['weight_decay']}, linear decay without warmup, clip 1.0, fused AdamW. Medians of "
-            f"{args.repeats} alternating runs per side (seeds 42..{41 + args.repeats}, same seed for both sides of a "
+            f"{args.repeats} alternating runs per side (seeds {seeds[0]}..{seeds[-1]}, same seed for both sides of a "
             "pair), after an untimed warm-up run of each.\n",
             "| precision | run | train samples/s | ratio | padded tokens/s | padding | waiting for data | train minutes"
             " | dev median | dev per seed |",

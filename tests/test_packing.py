@@ -54,12 +54,21 @@ def test_first_fit_fills_rows_within_capacity():
     assert len(rows) == 3  # 30 tokens in rows of 10: as few as possible
 
 
-def test_layout_takes_the_fewest_row_positions():
+def test_layout_picks_narrow_rows_of_the_least_work():
     lengths = [30, 25, 20, 18, 15, 10, 8, 5]  # 131 tokens
+
+    def work(rows: list[list[int]]) -> float:
+        width = max(sum(lengths[i] for i in row) for row in rows)
+        return len(rows) * width * (1 + width / packing.ROW_ATTENTION_WIDTH)
+
     rows = packing.layout(lengths, capacity=128)
-    width = max(sum(lengths[i] for i in row) for row in rows)
-    assert len(rows) * width <= 2 * 66  # two rows of 66, not a full row of 128 and a row of 3
-    assert packing.layout(lengths, capacity=128, multiple_of=8) and len(packing.layout([128, 128], 128)) == 2
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    # three rows of 45 (135 positions), not the two of 66 that hold the fewest (132): attention works on each row's
+    # square, so the narrower rows cost less
+    assert (len(rows), max(sum(lengths[i] for i in row) for row in rows)) == (3, 45)
+    assert all(work(rows) <= work(packing.first_fit(lengths, width)) for width in range(30, 129))
+    rounded = packing.layout(lengths, capacity=128, multiple_of=8)
+    assert all(sum(lengths[i] for i in row) <= 48 for row in rounded) and len(packing.layout([128, 128], 128)) == 2
 
 
 def test_pack_batch_lays_examples_out_with_restarting_positions():
