@@ -72,11 +72,13 @@ def task_module(task: str, folder: Path):
     return lightning_ft_module(overrides, seed=42)
 
 
-def real_lengths(batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+def real_lengths(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Each example's real tokens in a batch, packed or padded: its input (an encoder-decoder's source) and, for an
     encoder-decoder, its target (None otherwise)."""
     sources = batch["example_lengths"] if "example_lengths" in batch else batch["attention_mask"].sum(-1)
-    return sources, batch.get("decoder_lengths")
+    if not getattr(model.config, "is_encoder_decoder", False):
+        return sources, None
+    return sources, batch["decoder_lengths"] if "decoder_lengths" in batch else (batch["labels"] != -100).sum(-1)
 
 
 def training_flops_of(module, batch: dict) -> float:
@@ -85,8 +87,8 @@ def training_flops_of(module, batch: dict) -> float:
     cross-attention's scores and values like self-attention's."""
     from lightning_ft.throughput import model_shape, training_flops
 
-    sources, targets = real_lengths(batch)
     model = module.model
+    sources, targets = real_lengths(model, batch)
     if targets is None:
         return training_flops(*model_shape(model), sources)
     _, layers, hidden = model_shape(model)
@@ -162,7 +164,7 @@ def main() -> None:
             for _ in range(args.steps):
                 with torch.profiler.record_function("collate"):
                     batch = next(batches)
-                sources, targets = real_lengths(batch)
+                sources, targets = real_lengths(module.model, batch)
                 examples += len(sources)
                 tokens += int(sources.sum()) + (0 if targets is None else int(targets.sum()))
                 positions += batch["input_ids"].numel() + (0 if targets is None else batch["labels"].numel())
