@@ -13,12 +13,14 @@ inside the timed training.
   defaults otherwise (no length grouping). Its test generation runs under bf16 autocast: accelerate wraps the
   model's ``forward`` in the training precision's autocast, and ``generate`` calls it (the script records the
   precision it saw, and the report labels the row with it).
-- lightning_ft side: ``experiment=t5_multi30k`` (``task=translation``; its batches were length-grouped until the
-  second run of 2026-11-24 showed that this cost 1.4 BLEU; ``dataset.group_by_length=true`` for them), trained by a
-  Lightning Trainer; test generation by ``trainer.test`` under the run's bf16 autocast (like for like with the
-  HF side), and again in fp32.
-- ``lightning_ft_packed`` (``--sides``): the same with ``dataset.packing=true``: each batch's sources packed into rows,
-  each target in its source's row, attention and cross-attention confined to each pair (no padding on either side).
+- lightning_ft side: ``experiment=t5_multi30k`` (``task=translation``), trained by a Lightning Trainer with its shipped
+  batches: packed rows since 2026-12-06 (``dataset.packing=null``: each batch's sources packed into rows, each target
+  in its source's row, attention and cross-attention confined to each pair); shuffled padded batches before that
+  (length-grouped until the second run of 2026-11-24 showed that this cost 1.4 BLEU). Test generation by
+  ``trainer.test`` under the run's bf16 autocast (like for like with the HF side), and again in fp32.
+- ``lightning_ft_padded`` (``--sides``): the same with ``dataset.packing=false``: shuffled padded batches, as HF pads.
+- ``lightning_ft_packed``: the same with ``dataset.packing=true`` (packing required rather than chosen by the module's
+  check; the runs of 2026-12-06 name it).
 
 Both generate the test split with beam search (4 beams, at most 48 new tokens) and are scored by sacreBLEU on the raw
 reference text. Train throughput: pairs/s and real (non-padding) source+target tokens/s over the timed training.
@@ -54,7 +56,8 @@ MULTI30K = ROOT.parent / "shared" / "data" / "multi30k"
 SPLITS = {"train": "train", "validation": "val", "test": "test_2016_flickr"}
 BATCH, LR, DECAY, WARMUP, MAX_LEN, BEAMS, MAX_NEW, VOCAB = 64, 1e-3, 0.01, 0.05, 128, 4, 48, 8000
 GENERATIONS = ("bf16-mixed", "32-true")  # what each side's result holds generation figures under
-SIDES = {"hf_trainer": [], "lightning_ft": [], "lightning_ft_packed": ["dataset.packing=true"]}
+SIDES = {"hf_trainer": [], "lightning_ft": [], "lightning_ft_padded": ["dataset.packing=false"],
+         "lightning_ft_packed": ["dataset.packing=true"]}
 
 
 def read_split(name: str, limit: int | None = None) -> tuple[list[str], list[str]]:
